@@ -1,0 +1,17 @@
+"""ResNet-18/34 trunks and feature-pyramid backbones with torchvision's names."""
+
+from .resnet import BasicBlock, FeatureInfo, ResNet, resnet, resnet18, resnet34
+from .weights import IMAGENET_WEIGHTS, LoadReport, WeightsError, load_pretrained
+
+__all__ = [
+    "BasicBlock",
+    "FeatureInfo",
+    "IMAGENET_WEIGHTS",
+    "LoadReport",
+    "ResNet",
+    "WeightsError",
+    "load_pretrained",
+    "resnet",
+    "resnet18",
+    "resnet34",
+]
