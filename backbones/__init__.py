@@ -15,3 +15,7 @@ __all__ = [
     "resnet18",
     "resnet34",
 ]
+
+from .fpn import ResNetFPN, resnet18_fpn, resnet34_fpn, resnet_fpn  # noqa: E402
+
+__all__ += ["ResNetFPN", "resnet18_fpn", "resnet34_fpn", "resnet_fpn"]

@@ -154,10 +154,14 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"refused to load {path}: it is not plain tensor data (weights_only=True rejected it, "
-            f"it may carry code). Re-save it as a state dict. Detail: {str(e).splitlines()[0]}"
-        ) from None
+        detail = str(e)
+        if "Unsupported global" in detail:
+            found = re.search(r"Unsupported global: (GLOBAL \S+)", detail)
+            raise WeightsError(
+                f"refused to load {path}: it is not plain tensor data ({found.group(1) if found else 'a Python object'} "
+                "would run code when unpickled; weights_only=True stopped it). Re-save it as a state dict."
+            ) from None
+        raise WeightsError(f"could not read {path} as a torch checkpoint (corrupt or another format)") from None
     except (RuntimeError, EOFError) as e:
         raise WeightsError(f"could not read {path} as a torch checkpoint: {e}") from None
 

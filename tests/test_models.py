@@ -1,0 +1,165 @@
+"""Detector builders: torchvision parity, every architecture trains and predicts, checkpoints round-trip."""
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from detection import build_detector, load_detector, save_detector
+from detection.models import anchor_generator_for
+
+SMALL = dict(min_size=128, max_size=192)
+
+
+def _images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 120, 160, generator=g), torch.rand(3, 144, 112, generator=g)]
+
+
+def _targets(masks=False):
+    boxes = [torch.tensor([[10.0, 20.0, 70.0, 90.0], [80.0, 10.0, 150.0, 60.0]]), torch.tensor([[5.0, 5.0, 100.0, 130.0]])]
+    labels = [torch.tensor([1, 2]), torch.tensor([3])]
+    targets = []
+    for b, l, (h, w) in zip(boxes, labels, [(120, 160), (144, 112)]):
+        t = {"boxes": b, "labels": l}
+        if masks:
+            m = torch.zeros(len(b), h, w, dtype=torch.uint8)
+            for i, (x0, y0, x1, y1) in enumerate(b.int().tolist()):
+                m[i, y0:y1, x0:x1] = 1
+            t["masks"] = m
+        targets.append(t)
+    return targets
+
+
+@pytest.mark.parametrize("arch, tv_cls", [("faster_rcnn", FasterRCNN), ("mask_rcnn", MaskRCNN)])
+@pytest.mark.parametrize("depth", [18, 34])
+def test_parity_with_torchvision(arch, tv_cls, depth):
+    torch.manual_seed(0)
+    ours = build_detector(arch, backbone=f"resnet{depth}", num_classes=91, box_score_thresh=0.0, **SMALL).eval()
+    tv_backbone = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=5)
+    tv = tv_cls(tv_backbone, 91, box_score_thresh=0.0, **SMALL).eval()
+    tv.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    with torch.no_grad():
+        a, b = ours(_images()), tv(_images())
+    for da, db in zip(a, b):
+        assert len(da["boxes"]) > 0
+        assert torch.equal(da["labels"], db["labels"])
+        torch.testing.assert_close(da["boxes"], db["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(da["scores"], db["scores"], rtol=0, atol=1e-5)
+        if arch == "mask_rcnn":
+            torch.testing.assert_close(da["masks"], db["masks"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch, returned",
+    [
+        ("faster_rcnn", None),
+        ("faster_rcnn", [2, 3, 4]),
+        ("faster_rcnn", [3]),
+        ("mask_rcnn", [2, 4]),
+        ("retinanet", None),
+        ("retinanet", [3, 4]),
+        ("fcos", None),
+        ("fcos", [2, 3]),
+    ],
+)
+def test_each_architecture_trains_and_predicts(arch, returned):
+    torch.manual_seed(0)
+    model = build_detector(arch, num_classes=4, returned_layers=returned, **SMALL)
+    body = model.backbone
+    levels = [f.name for f in body.feature_info]
+    assert model.anchor_generator.num_anchors_per_location()[0] if arch in ("retinanet", "fcos") else True
+    generator = model.rpn.anchor_generator if arch in ("faster_rcnn", "mask_rcnn") else model.anchor_generator
+    assert len(generator.sizes) == len(levels)
+
+    model.train()
+    losses = model(_images(), _targets(masks=arch == "mask_rcnn"))
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    if arch == "mask_rcnn":
+        assert "loss_mask" in losses
+    sum(losses.values()).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    model.eval()
+    with torch.no_grad():
+        out = model(_images())
+    assert len(out) == 2
+    for det, (h, w) in zip(out, [(120, 160), (144, 112)]):
+        n = len(det["boxes"])
+        assert det["boxes"].shape == (n, 4) and det["scores"].shape == (n,) and det["labels"].shape == (n,)
+        if n:
+            assert (det["boxes"][:, 2:] >= det["boxes"][:, :2]).all()
+            assert det["boxes"][:, 2].max() <= w and det["boxes"][:, 3].max() <= h
+            assert det["labels"].min() >= 0 and det["labels"].max() < 4
+
+
+def test_anchor_sizes_follow_strides():
+    model = build_detector("faster_rcnn", num_classes=3, returned_layers=[2, 3, 4])
+    assert [f.stride for f in model.backbone.feature_info] == [8, 16, 32, 64]
+    assert model.rpn.anchor_generator.sizes == ((64,), (128,), (256,), (512,))
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
+    retina = build_detector("retinanet", num_classes=3)
+    assert anchor_generator_for("retinanet", retina.backbone).sizes[0] == (32, 40, 50)
+    assert len(retina.anchor_generator.sizes) == 5
+
+
+def test_defaults_follow_backbone_weights():
+    random = build_detector("faster_rcnn", num_classes=3)
+    assert random.build_args["norm"] == "bn" and random.build_args["trainable_layers"] == 5
+    assert all(p.requires_grad for p in random.backbone.body.parameters())
+    state = random.backbone.body.state_dict()
+    tuned = build_detector("faster_rcnn", num_classes=3, weights_backbone=state)
+    assert tuned.build_args["norm"] == "frozen_bn" and tuned.build_args["trainable_layers"] == 3
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tuned.backbone.body.modules())
+    assert not tuned.backbone.body.layer1[0].conv1.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (dict(arch="yolo", num_classes=3), r"arch must be one of \['faster_rcnn', 'mask_rcnn', 'retinanet', 'fcos'\], got 'yolo'"),
+        (dict(arch="faster_rcnn", backbone="resnet50", num_classes=3), r"backbone must be one of \['resnet18', 'resnet34'\]"),
+        (dict(arch="faster_rcnn", num_classes=1), r"num_classes for faster_rcnn must be an integer >= 2 .*background.*got 1"),
+        (dict(arch="mask_rcnn", num_classes=0), "got 0"),
+        (dict(arch="retinanet", num_classes=0), r"retinanet must be an integer >= 1, got 0"),
+        (dict(arch="faster_rcnn", num_classes=3, trainable_layers=6), r"range \[0, 5\], got 6"),
+        (dict(arch="faster_rcnn", num_classes=3, returned_layers=[0]), r"subset of \[1, 2, 3, 4\], got \[0\]"),
+        (dict(arch="fcos", num_classes=3, returned_layers=[]), r"got \[\]"),
+        (dict(arch="faster_rcnn", num_classes=3, norm="ln"), "norm must be one of"),
+    ],
+)
+def test_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        build_detector(args.pop("arch"), **args)
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_load_detector_round_trip(arch, tmp_path):
+    torch.manual_seed(0)
+    model = build_detector(arch, backbone="resnet34", num_classes=5, returned_layers=[2, 3, 4], box_score_thresh=0.0, **SMALL) if arch == "faster_rcnn" else build_detector(arch, num_classes=5, score_thresh=0.0, **SMALL)
+    path = tmp_path / "model.pth"
+    save_detector(model, path, category_mapping={"cat_ids": [1, 3, 90, 7], "names": ["a", "b", "c", "d"]})
+    loaded = load_detector(path)
+    assert loaded.build_args == model.build_args
+    assert loaded.category_mapping["cat_ids"] == [1, 3, 90, 7]
+    model.eval()
+    with torch.no_grad():
+        a, b = model(_images()), loaded(_images())
+    for da, db in zip(a, b):
+        assert len(da["boxes"]) > 0
+        assert torch.equal(da["boxes"], db["boxes"]) and torch.equal(da["labels"], db["labels"])
+
+
+def test_load_detector_rejects_other_files(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a detector checkpoint: expected keys 'model' and 'build_args'"):
+        load_detector(path)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        load_detector(garbage)
