@@ -1,0 +1,120 @@
+"""An inference path for trained detectors: BN folding, channels-last, reduced precision, compile.
+
+Frozen or eval-mode batch norm is an affine map, so it folds into the convolution
+before it (one kernel instead of two passes over memory); channels-last lets oneDNN
+and cuDNN pick their fast convolution kernels; the trunk and pyramid, which hold
+most of the FLOPs, may run in bf16/fp16 while the heads stay in fp32 so box
+regression and NMS see full-precision features.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.ops import FrozenBatchNorm2d
+
+__all__ = ["fold_batch_norms", "optimize_for_inference", "FastBackbone"]
+
+_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> int:
+    conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _NORMS):
+        return 0
+    setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+    setattr(parent, bn_name, nn.Identity())
+    return 1
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every conv -> BN pair of a ResNet trunk into the conv, in place.
+
+    Handles the stem (``conv1``/``bn1``), both convolutions of each ``BasicBlock`` and
+    ``downsample`` projections; works for ``BatchNorm2d`` (its running statistics)
+    and ``FrozenBatchNorm2d``. Only for inference: the model must not be trained
+    afterwards.
+
+    Args:
+        module: a ResNet trunk, a pyramid backbone or a whole detector.
+
+    Returns:
+        How many BN layers were folded.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        folded += _fold_pair(parent, "conv1", "bn1")
+        folded += _fold_pair(parent, "conv2", "bn2")
+        if isinstance(parent, nn.Sequential) and len(parent) == 2:
+            folded += _fold_pair(parent, "0", "1")
+    return folded
+
+
+class FastBackbone(nn.Module):
+    """Wraps a pyramid backbone: channels-last input, optional autocast, fp32 outputs.
+
+    Args:
+        backbone: the (BN-folded) pyramid backbone.
+        dtype: autocast dtype for the trunk and pyramid, or ``None`` for fp32.
+        channels_last: feed the trunk NHWC tensors.
+    """
+
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
+        super().__init__()
+        self.inner = backbone
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.out_channels = backbone.out_channels
+        self.feature_info = getattr(backbone, "feature_info", None)
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:
+            return self.inner(x)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            feats = self.inner(x)
+        return OrderedDict((k, v.float()) for k, v in feats.items())
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    compile: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return a faster inference copy of a detector from ``build_detector``.
+
+    Args:
+        model: a torchvision detector with a ``backbone`` (our pyramid).
+        dtype: run trunk + pyramid under autocast in this dtype (``torch.bfloat16`` on
+            CPU, ``torch.float16`` or ``torch.bfloat16`` on CUDA); heads stay fp32.
+        channels_last: convert weights and inputs to channels-last.
+        compile: apply ``torch.compile`` to the backbone (shapes vary per image, so it
+            may recompile for new sizes; worth it for fixed-size serving).
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The model in eval mode. Detections match the eager model (fp32: boxes within
+        1e-3); its state dict no longer matches the training layout.
+    """
+    if not hasattr(model, "backbone"):
+        raise ValueError(f"expected a torchvision detector with a .backbone, got {type(model).__name__}")
+    fast = model if inplace else copy.deepcopy(model)
+    fast.eval()
+    fold_batch_norms(fast.backbone)
+    backbone: nn.Module = fast.backbone
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = FastBackbone(backbone, dtype, channels_last)
+    if compile:
+        wrapped = torch.compile(wrapped, dynamic=True)
+    fast.backbone = wrapped
+    fast.optimized_for_inference = {"dtype": str(dtype) if dtype else "float32", "channels_last": channels_last, "compile": compile}
+    return fast

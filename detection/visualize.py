@@ -1,0 +1,114 @@
+"""Pictures people would rather see than read: detections on images, loss and AP curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+__all__ = ["draw_detections", "save_image", "plot_curves"]
+
+_PALETTE = [
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+]
+
+
+def draw_detections(
+    image: torch.Tensor,
+    detections: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
+    *,
+    score_thresh: float = 0.5,
+    mask_threshold: float = 0.5,
+) -> torch.Tensor:
+    """Draw boxes, class names, scores and masks on one image.
+
+    Args:
+        image: CHW float in [0, 1] or uint8.
+        detections: a torchvision detection dict (``boxes``, ``scores``, ``labels``,
+            optionally ``masks``).
+        class_names: name per contiguous label (index 0 the background).
+        score_thresh: detections below this score are not drawn.
+        mask_threshold: mask probability that counts as inside.
+
+    Returns:
+        A uint8 CHW image.
+    """
+    img = image.detach().cpu()
+    if img.dtype != torch.uint8:
+        img = (img.clamp(0, 1) * 255).to(torch.uint8)
+    keep = detections["scores"].detach().cpu() >= score_thresh
+    boxes = detections["boxes"].detach().cpu()[keep].float()
+    labels = detections["labels"].detach().cpu()[keep].tolist()
+    scores = detections["scores"].detach().cpu()[keep].tolist()
+    colors = [_PALETTE[label % len(_PALETTE)] for label in labels]
+    if "masks" in detections and keep.any():
+        masks = detections["masks"].detach().cpu()[keep][:, 0] > mask_threshold
+        img = draw_segmentation_masks(img, masks, alpha=0.45, colors=colors)
+    if len(boxes):
+        names = [class_names[label] if 0 <= label < len(class_names) else str(label) for label in labels]
+        text = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
+        img = draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=2)
+    return img
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a uint8 CHW tensor as PNG."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Plot training loss and evaluation AP against iteration from ``metrics.jsonl``.
+
+    Args:
+        metrics_jsonl: the run's metrics file (one JSON object per line; training
+            windows carry ``loss``, evaluations carry ``bbox/AP``).
+        out_png: where to write the figure.
+
+    Returns:
+        The PNG path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = [], []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "loss" in rec:
+            train.append(rec)
+        if any(k.endswith("/AP") for k in rec):
+            evals.append(rec)
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        its = [r["iter"] for r in train]
+        ax_loss.plot(its, [r["loss"] for r in train], label="total", linewidth=2)
+        terms = sorted({k for r in train for k in r if k.startswith("loss_")})
+        for term in terms:
+            ax_loss.plot(its, [r.get(term, float("nan")) for r in train], label=term, linewidth=1, alpha=0.8)
+        ax_loss.set_yscale("log")
+        ax_loss.legend(fontsize=7)
+    ax_loss.set_xlabel("iteration")
+    ax_loss.set_title("training loss")
+    for key in sorted({k for r in evals for k in r if k.endswith(("/AP", "/AP50"))}):
+        ax_ap.plot([r["iter"] for r in evals], [r.get(key, float("nan")) for r in evals], marker="o", label=key)
+    if evals:
+        ax_ap.legend(fontsize=8)
+    ax_ap.set_xlabel("iteration")
+    ax_ap.set_title("validation AP (%)")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
