@@ -1,0 +1,429 @@
+"""COCO-format detection data set: validated once at construction, robust to bad images.
+
+Layout: ``ROOT/annotations/instances_{split}.json`` and ``ROOT/{split}/<file_name>``.
+
+Policy for bad input (each case is tested):
+
+- Missing or invalid annotation file, an annotation whose ``category_id`` or
+  ``image_id`` is unknown, or a malformed ``bbox``: an error at construction
+  that names the file and the offending id.
+- Crowd regions (``iscrowd=1``) are left out of training targets (they stay in
+  :attr:`CocoDetection.coco`, where COCOeval uses them).
+- A box partly outside the image is clipped to it; a box with zero width or
+  height after clipping is dropped with its mask and label.
+- ``drop_empty=True`` leaves out images with no usable object.
+- An unreadable, corrupt or missing image, or one whose decoded size differs
+  from the annotation file, is skipped: ``__getitem__`` returns the next
+  readable index instead, a :class:`SkippedImageWarning` names the file once
+  per run, and :attr:`CocoDetection.num_skipped` counts the skips (shared by
+  DataLoader workers).
+- Grayscale, RGBA, palette and 16-bit images are converted to RGB uint8.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import warnings
+from multiprocessing.context import get_spawning_popen
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+__all__ = [
+    "CocoDetection",
+    "SkippedImageWarning",
+    "cat_id_to_label_from_mapping",
+    "image_to_tensor",
+    "label_to_cat_id_from_mapping",
+    "read_image_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND = "__background__"
+
+Transform = Callable[..., Mapping[str, torch.Tensor]]
+
+
+class SkippedImageWarning(UserWarning):
+    """An image could not be used and was skipped (issued once per file)."""
+
+
+def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as RGB uint8 (H x W x 3), whatever its mode.
+
+    PIL is used rather than OpenCV: OpenCV returns a grey-filled image for a
+    truncated JPEG (it only prints to stderr), where PIL raises. EXIF
+    orientation is not applied, as in pycocotools and torchvision: COCO
+    annotations refer to the stored pixels.
+
+    Args:
+        path: image file.
+
+    Returns:
+        The image array. Grayscale and palette images are expanded, alpha is
+        dropped, 16-bit images keep their 8 most significant bits.
+
+    Raises:
+        OSError: the file is missing, truncated or not an image (PIL may raise
+            other exception types for some corrupt files).
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(image).astype(np.int64)
+            if image.mode == "I" and values.max(initial=0) <= 255:
+                gray = values.astype(np.uint8)
+            else:
+                gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 array -> CHW float32 tensor in [0, 1] (what torchvision detectors take).
+
+    Args:
+        image: H x W x 3 uint8 array.
+    """
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    if not chw.flags.writeable:  # a PIL-backed array; torch warns on read-only memory
+        chw = chw.copy()
+    return torch.from_numpy(chw).to(torch.float32).div_(255.0)
+
+
+def label_to_cat_id_from_mapping(mapping: Mapping[str, Any]) -> dict[int, int]:
+    """Contiguous label (1..K) -> original category id, from :meth:`CocoDetection.category_mapping`.
+
+    Args:
+        mapping: ``{"cat_ids": [...], "names": [...]}`` as saved in a checkpoint.
+    """
+    return {label: int(cat_id) for label, cat_id in enumerate(mapping["cat_ids"], start=1)}
+
+
+def cat_id_to_label_from_mapping(mapping: Mapping[str, Any]) -> dict[int, int]:
+    """Original category id -> contiguous label (1..K), from :meth:`CocoDetection.category_mapping`.
+
+    Args:
+        mapping: ``{"cat_ids": [...], "names": [...]}`` as saved in a checkpoint.
+    """
+    return {int(cat_id): label for label, cat_id in enumerate(mapping["cat_ids"], start=1)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load_annotations(ann_file: Path) -> dict[str, Any]:
+    """Read and validate a COCO instances file; every error names the file."""
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, "rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{ann_file}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: expected a JSON object at top level, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{ann_file}: missing or non-list '{key}'")
+
+    cat_ids: set[int] = set()
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise ValueError(f"{ann_file}: category {cat!r} needs an integer 'id' and a string 'name'")
+        if cat["id"] in cat_ids:
+            raise ValueError(f"{ann_file}: category id {cat['id']} appears twice")
+        cat_ids.add(cat["id"])
+    if not cat_ids:
+        raise ValueError(f"{ann_file}: 'categories' is empty")
+
+    image_ids: set[int] = set()
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img:
+            raise ValueError(f"{ann_file}: image entry {img!r} has no 'id'")
+        for key in ("file_name", "height", "width"):
+            if key not in img:
+                raise ValueError(f"{ann_file}: image id {img['id']} has no '{key}'")
+        if img["id"] in image_ids:
+            raise ValueError(f"{ann_file}: image id {img['id']} appears twice")
+        image_ids.add(img["id"])
+
+    known = sorted(cat_ids)
+    for ann in data["annotations"]:
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        if ann_id is None:
+            raise ValueError(f"{ann_file}: annotation {ann!r} has no 'id'")
+        if ann.get("category_id") not in cat_ids:
+            raise ValueError(
+                f"{ann_file}: annotation id {ann_id} has category_id {ann.get('category_id')!r}, "
+                f"which is not in 'categories' (known ids: {known})"
+            )
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{ann_file}: annotation id {ann_id} has unknown image_id {ann.get('image_id')!r}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise ValueError(f"{ann_file}: annotation id {ann_id} has an invalid bbox {bbox!r} (want [x, y, w, h])")
+    return data
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO-format detection data set for torchvision detectors.
+
+    Annotations are parsed and validated once, at construction; targets are
+    built from the cached per-image arrays, so evaluation ground truth is
+    :attr:`coco` itself and never goes through the transforms.
+
+    Attributes:
+        root, split, ann_file, img_dir: where the data lives.
+        coco: the pycocotools ``COCO`` object (evaluation ground truth).
+        ids: COCO image ids in data set order (after ``drop_empty``).
+        cat_ids: sorted original category ids; label ``i`` is ``cat_ids[i - 1]``.
+        class_names: index = contiguous label; ``class_names[0] == "__background__"``.
+        num_classes: K + 1 (background included, as torchvision's R-CNNs count).
+        cat_id_to_label, label_to_cat_id: the mapping both ways.
+        image_sizes: (height, width) per data set index, from the JSON.
+
+    ``__getitem__`` returns ``(image, target)``: a float32 CHW tensor in
+    [0, 1] and a dict with ``boxes`` (float32 N x 4, xyxy pixels), ``labels``
+    (int64), ``image_id`` (int64 scalar, the original COCO id), ``area``
+    (float32), ``iscrowd`` (int64 zeros) and, with ``masks=True``, ``masks``
+    (uint8 N x H x W). Without transforms ``area`` is the annotation's; with
+    transforms it is scaled by how much the object's box area changed.
+
+    Skipped images: :attr:`num_skipped` counts skips since the last
+    :meth:`reset_skipped` across DataLoader worker processes (call both in the
+    main process, e.g. report and reset at the end of every epoch);
+    :attr:`skipped_files` lists the files found bad so far. Under DDP each
+    rank counts its own skips.
+
+    Args:
+        root: data set folder.
+        split: split name, e.g. ``"train2017"`` or ``"val"``.
+        transforms: callable ``(image, boxes, labels, masks) -> dict`` as
+            built by :func:`detection.data.build_transforms`; ``None`` only
+            converts the image to a tensor, keeping its size.
+        masks: also return instance masks decoded from polygons or RLE.
+        drop_empty: leave out images with no usable object (for training).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str,
+        *,
+        transforms: Transform | None = None,
+        masks: bool = False,
+        drop_empty: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.ann_file = self.root / "annotations" / f"instances_{split}.json"
+        self.img_dir = self.root / split
+        self.transforms = transforms
+        self.masks = masks
+        self.drop_empty = drop_empty
+
+        data = _load_annotations(self.ann_file)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
+
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids: list[int] = [c["id"] for c in categories]
+        self.class_names: list[str] = [BACKGROUND] + [c["name"] for c in categories]
+        self.num_classes: int = len(self.class_names)
+        self.cat_id_to_label: dict[int, int] = {cat_id: i for i, cat_id in enumerate(self.cat_ids, start=1)}
+        self.label_to_cat_id: dict[int, int] = {i: cat_id for cat_id, i in self.cat_id_to_label.items()}
+
+        self._records: list[dict[str, Any]] = []
+        self.ids: list[int] = []
+        clipped = dropped = 0
+        for image_id in sorted(self.coco.imgs):
+            record, n_clipped, n_dropped = self._build_record(image_id)
+            clipped += n_clipped
+            dropped += n_dropped
+            if drop_empty and len(record["labels"]) == 0:
+                continue
+            self.ids.append(image_id)
+            self._records.append(record)
+        if clipped or dropped:
+            logger.info(
+                "%s: clipped %d boxes to their image, dropped %d with zero width or height", self.ann_file, clipped, dropped
+            )
+        self.image_sizes: list[tuple[int, int]] = [
+            (int(self.coco.imgs[i]["height"]), int(self.coco.imgs[i]["width"])) for i in self.ids
+        ]
+
+        self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.ids))
+        self._skipped = multiprocessing.Value(ctypes.c_int64, 0)
+
+    def _build_record(self, image_id: int) -> tuple[dict[str, Any], int, int]:
+        info = self.coco.imgs[image_id]
+        height, width = float(info["height"]), float(info["width"])
+        boxes, labels, areas, anns = [], [], [], []
+        clipped = dropped = 0
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0):
+                continue
+            if self.masks and not ann.get("segmentation"):
+                raise ValueError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation, needed for masks=True")
+            x, y, w, h = ann["bbox"]
+            box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                dropped += 1
+                continue
+            clipped += box != [x, y, x + w, y + h]
+            boxes.append(box)
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+            areas.append(float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
+            anns.append(ann)
+        record = {
+            "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, dtype=np.int64),
+            "areas": np.asarray(areas, dtype=np.float32),
+            "anns": anns,
+        }
+        return record, clipped, dropped
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height per data set index, from the annotation file (no image reads)."""
+        return [w / h for h, w in self.image_sizes]
+
+    def category_mapping(self) -> dict[str, list[Any]]:
+        """The label <-> category id mapping as plain data, to save in checkpoints.
+
+        Returns:
+            ``{"cat_ids": [...], "names": [...]}``; label ``i`` (1-based) is
+            ``cat_ids[i - 1]`` named ``names[i - 1]``. Read it back with
+            :func:`label_to_cat_id_from_mapping`.
+        """
+        return {"cat_ids": list(self.cat_ids), "names": list(self.class_names[1:])}
+
+    def image_path(self, index: int) -> Path:
+        """File of the image at data set ``index``."""
+        return self.img_dir / self.coco.imgs[self.ids[index]]["file_name"]
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples skipped since the last :meth:`reset_skipped`, across worker processes."""
+        return int(self._skipped.value)
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Files found unusable so far (each was warned about once)."""
+        return [str(self.image_path(i)) for i, bad in enumerate(self._bad) if bad]
+
+    def reset_skipped(self) -> None:
+        """Reset :attr:`num_skipped` (bad files stay known and are not warned about again)."""
+        with self._skipped.get_lock():
+            self._skipped.value = 0
+
+    def _mark_bad(self, index: int, reason: str) -> None:
+        self._bad[index] = True
+        warnings.warn(f"skipping image {self.image_path(index)}: {reason}", SkippedImageWarning, stacklevel=3)
+
+    def _read(self, index: int) -> np.ndarray | None:
+        path = self.image_path(index)
+        try:
+            image = read_image_rgb(path)
+        # PIL raises many exception types for corrupt files (OSError, SyntaxError,
+        # struct.error, ...); any failure to decode means the file is bad input.
+        except Exception as exc:  # noqa: BLE001
+            self._mark_bad(index, f"{type(exc).__name__}: {exc}")
+            return None
+        if image.shape[:2] != self.image_sizes[index]:
+            self._mark_bad(
+                index, f"decoded size {image.shape[:2]} differs from (height, width) {self.image_sizes[index]} in {self.ann_file}"
+            )
+            return None
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = len(self.ids)
+        for step in range(n):
+            i = (index + step) % n
+            image = None if self._bad[i] else self._read(i)
+            if image is not None:
+                return self._sample(i, image)
+            if step == 0:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+        raise RuntimeError(f"no readable image in {self.img_dir}: all {n} images of {self.ann_file} failed to load")
+
+    def _sample(self, index: int, image: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        record = self._records[index]
+        boxes, labels, areas = record["boxes"], record["labels"], record["areas"]
+        masks = None
+        if self.masks:
+            height, width = self.image_sizes[index]
+            masks = np.zeros((len(labels), height, width), dtype=np.uint8)
+            for k, ann in enumerate(record["anns"]):
+                masks[k] = self.coco.annToMask(ann)
+
+        target: dict[str, torch.Tensor] = {}
+        if self.transforms is None:
+            image_t = image_to_tensor(image)
+            target["boxes"] = torch.from_numpy(boxes.copy())
+            target["labels"] = torch.from_numpy(labels.copy())
+            target["area"] = torch.from_numpy(areas.copy())
+            if masks is not None:
+                target["masks"] = torch.from_numpy(masks)
+        else:
+            out = self.transforms(image, boxes, labels, masks)
+            image_t = out["image"]
+            keep = out["keep"].numpy()
+            target["boxes"] = out["boxes"]
+            target["labels"] = out["labels"]
+            old = boxes[keep]
+            old_area = (old[:, 2] - old[:, 0]) * (old[:, 3] - old[:, 1])
+            new = out["boxes"]
+            new_area = ((new[:, 2] - new[:, 0]) * (new[:, 3] - new[:, 1])).numpy()
+            target["area"] = torch.from_numpy((areas[keep] * new_area / old_area).astype(np.float32))
+            if masks is not None:
+                target["masks"] = out["masks"]
+        target["image_id"] = torch.tensor(self.ids[index], dtype=torch.int64)
+        target["iscrowd"] = torch.zeros(len(target["labels"]), dtype=torch.int64)
+        return image_t, {k: target[k] for k in ("boxes", "labels", "image_id", "area", "iscrowd", "masks") if k in target}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Shared counters travel as shared memory only to processes being started
+        # (DataLoader workers); any other pickling (deepcopy, torch.save) gets copies.
+        if get_spawning_popen() is None:
+            state["_bad"] = bytes(self._bad)
+            state["_skipped"] = self.num_skipped
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_bad"], bytes):
+            bad = multiprocessing.RawArray(ctypes.c_bool, len(state["_bad"]))
+            bad[:] = [bool(b) for b in state["_bad"]]
+            state["_bad"] = bad
+            skipped = multiprocessing.Value(ctypes.c_int64, state["_skipped"])
+            state["_skipped"] = skipped
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={self.num_classes - 1}, masks={self.masks}, drop_empty={self.drop_empty})"
+        )
