@@ -270,8 +270,11 @@ class CocoDetection(torch.utils.data.Dataset):
             (int(self.coco.imgs[i]["height"]), int(self.coco.imgs[i]["width"])) for i in self.ids
         ]
 
+        # Shared memory without locks (a lock from one start method cannot travel to
+        # workers of another): one DataLoader worker at a time handles an index, so
+        # per-index flags and counters need no lock.
         self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.ids))
-        self._skipped = multiprocessing.Value(ctypes.c_int64, 0)
+        self._skips = multiprocessing.RawArray(ctypes.c_int32, len(self.ids))
 
     def _build_record(self, image_id: int) -> tuple[dict[str, Any], int, int]:
         info = self.coco.imgs[image_id]
@@ -325,7 +328,7 @@ class CocoDetection(torch.utils.data.Dataset):
     @property
     def num_skipped(self) -> int:
         """Samples skipped since the last :meth:`reset_skipped`, across worker processes."""
-        return int(self._skipped.value)
+        return int(np.frombuffer(self._skips, dtype=np.int32).sum())
 
     @property
     def skipped_files(self) -> list[str]:
@@ -334,8 +337,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def reset_skipped(self) -> None:
         """Reset :attr:`num_skipped` (bad files stay known and are not warned about again)."""
-        with self._skipped.get_lock():
-            self._skipped.value = 0
+        np.frombuffer(self._skips, dtype=np.int32)[:] = 0
 
     def _mark_bad(self, index: int, reason: str) -> None:
         self._bad[index] = True
@@ -365,8 +367,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if image is not None:
                 return self._sample(i, image)
             if step == 0:
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                self._skips[i] += 1
         raise RuntimeError(f"no readable image in {self.img_dir}: all {n} images of {self.ann_file} failed to load")
 
     def _sample(self, index: int, image: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -409,17 +410,16 @@ class CocoDetection(torch.utils.data.Dataset):
         # Shared counters travel as shared memory only to processes being started
         # (DataLoader workers); any other pickling (deepcopy, torch.save) gets copies.
         if get_spawning_popen() is None:
-            state["_bad"] = bytes(self._bad)
-            state["_skipped"] = self.num_skipped
+            state["_bad"] = np.frombuffer(self._bad, dtype=np.bool_).copy()
+            state["_skips"] = np.frombuffer(self._skips, dtype=np.int32).copy()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_bad"], bytes):
-            bad = multiprocessing.RawArray(ctypes.c_bool, len(state["_bad"]))
-            bad[:] = [bool(b) for b in state["_bad"]]
-            state["_bad"] = bad
-            skipped = multiprocessing.Value(ctypes.c_int64, state["_skipped"])
-            state["_skipped"] = skipped
+        for key, ctype in (("_bad", ctypes.c_bool), ("_skips", ctypes.c_int32)):
+            if isinstance(state[key], np.ndarray):
+                shared = multiprocessing.RawArray(ctype, len(state[key]))
+                np.frombuffer(shared, dtype=state[key].dtype)[:] = state[key]
+                state[key] = shared
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
