@@ -41,6 +41,8 @@ __all__ = ["MultiScaleRoIAlign", "roi_align", "use_fast_roi_align"]
 _FAST_DTYPES = (torch.float32, torch.float64)
 # Index/weight entries built at once; bounds the temporary memory (about 40 bytes an entry).
 _MAX_ENTRIES_PER_CHUNK = 1 << 22
+# One RoI is never split; beyond this its adaptive grid is taken for a unit error, not a request.
+_MAX_ENTRIES_PER_ROI = 1 << 25
 
 
 def _fast_path_ok(tensors: list[Tensor]) -> bool:
@@ -199,6 +201,14 @@ def _build_plan(
         # NaN boxes give no samples, as in the kernel's range test.
         grid_h = torch.nan_to_num(torch.ceil(h / ph), nan=0.0).clamp(0, 2**30).to(torch.int64)
         grid_w = torch.nan_to_num(torch.ceil(w / pw), nan=0.0).clamp(0, 2**30).to(torch.int64)
+        per_roi = grid_h * grid_w * (ph * pw * 4)
+        if num_rois and int(per_roi.max()) > _MAX_ENTRIES_PER_ROI:
+            k = int(per_roi.argmax())
+            raise ValueError(
+                f"adaptive sampling (sampling_ratio={sampling_ratio}) would take {int(grid_h[k])}x{int(grid_w[k])} "
+                f"samples per bin for RoI {k} of {float(h[k]):.4g}x{float(w[k]):.4g} feature pixels; "
+                f"check the box coordinates and spatial_scale, or pass sampling_ratio > 0"
+            )
     params = {
         "x1": x1,
         "y1": y1,
