@@ -155,14 +155,20 @@ def coco_evaluate(
     """
     if evaluator not in EVALUATORS:
         raise ValueError(f"evaluator must be one of {list(EVALUATORS)}, got {evaluator!r}")
+    names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
     if evaluator == "faster":
         try:
-            from faster_coco_eval import COCOeval_faster as COCOeval  # type: ignore[import-not-found]
+            from faster_coco_eval import COCO as FasterCOCO  # type: ignore[import-not-found]
+            from faster_coco_eval import COCOeval_faster  # type: ignore[import-not-found]
         except ImportError:
             raise ImportError("evaluator='faster' needs the faster-coco-eval package: pip install faster-coco-eval") from None
+        # It keeps its own COCO class; build it from the already parsed ground truth.
+        coco_gt = FasterCOCO(coco_gt.dataset, use_deepcopy=True)
+
+        def make_eval(gt: Any, dt: Any, kind: str) -> Any:
+            return COCOeval_faster(gt, dt, kind, print_function=print)
     else:
-        from pycocotools.cocoeval import COCOeval
-    names = {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+        from pycocotools.cocoeval import COCOeval as make_eval
     if not results:
         stats = [0.0] * 12
         return {
@@ -174,7 +180,7 @@ def coco_evaluate(
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(results)
-        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval = make_eval(coco_gt, coco_dt, iou_type)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.fpn import ResNetFPN, resnet_fpn
 from backbones.weights import Source
 
 from .checkpoint import atomic_save, read_checkpoint
+from .ops import MultiScaleRoIAlign  # torchvision's pooler with a faster CPU RoIAlign; same results
 
 __all__ = ["ARCHS", "BACKBONES", "NORMS", "build_detector", "load_detector", "save_detector", "anchor_generator_for"]
 

