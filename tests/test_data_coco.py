@@ -215,8 +215,8 @@ def test_every_image_unreadable_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "annotations").mkdir()
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "a.jpg").write_bytes(b"junk")
-    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": 4, "width": 4}, {"id": 2, "file_name": "b.jpg", "height": 4, "width": 4}],
-            "annotations": [], "categories": [{"id": 1, "name": "x"}]}  # fmt: skip
+    images = [{"id": i, "file_name": name, "height": 4, "width": 4} for i, name in ((1, "a.jpg"), (2, "b.jpg"))]
+    data = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]}
     (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(data))
     ds = CocoDetection(tmp_path, "train")
     with pytest.warns(SkippedImageWarning), pytest.raises(RuntimeError, match="no readable image"):

@@ -353,9 +353,8 @@ class CocoDetection(torch.utils.data.Dataset):
             self._mark_bad(index, f"{type(exc).__name__}: {exc}")
             return None
         if image.shape[:2] != self.image_sizes[index]:
-            self._mark_bad(
-                index, f"decoded size {image.shape[:2]} differs from (height, width) {self.image_sizes[index]} in {self.ann_file}"
-            )
+            expected = self.image_sizes[index]
+            self._mark_bad(index, f"decoded size {image.shape[:2]} differs from (height, width) {expected} in {self.ann_file}")
             return None
         return image
 

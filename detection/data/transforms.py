@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
@@ -108,7 +109,11 @@ class DetectionTransform:
         self.pipeline = None
         if ops:
             bbox_params = A.BboxParams(format="pascal_voc", label_fields=["indices"], clip=True)
-            self.pipeline = A.Compose(list(ops), bbox_params=bbox_params, seed=seed)
+            # INTER_NEAREST samples half a pixel off (up to 1.5 px error after resizing);
+            # NEAREST_EXACT samples pixel centres, so masks stay within a pixel of boxes.
+            self.pipeline = A.Compose(
+                list(ops), bbox_params=bbox_params, mask_interpolation=cv2.INTER_NEAREST_EXACT, seed=seed
+            )
 
     def _reseed_for_worker(self) -> None:
         info = get_worker_info()
@@ -150,7 +155,7 @@ class DetectionTransform:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
         valid = (boxes[:, 2] - boxes[:, 0] >= self.min_box_size) & (boxes[:, 3] - boxes[:, 1] >= self.min_box_size)
         if masks is not None:
-            valid &= masks.reshape(len(masks), -1).any(axis=1)
+            valid &= masks.any(axis=(1, 2))
         result = {
             "image": image_to_tensor(np.ascontiguousarray(image)),
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes[valid])),
@@ -215,7 +220,12 @@ def build_transforms(
         A.LongestMaxSize(max_size=lsj_size, area_for_downscale="image"),
         A.RandomScale(scale_limit=(lsj_scale[0] - 1.0, lsj_scale[1] - 1.0), area_for_downscale="image", p=1.0),
         A.PadIfNeeded(
-            min_height=lsj_size, min_width=lsj_size, position="top_left", border_mode=0, fill=MEAN_PIXEL, fill_mask=0
+            min_height=lsj_size,
+            min_width=lsj_size,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=MEAN_PIXEL,
+            fill_mask=0,
         ),
         A.RandomCrop(height=lsj_size, width=lsj_size),
         flip,
