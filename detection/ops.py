@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 try:  # private helpers of torchvision.ops.poolers; present from 0.13 through 0.29 at least
-    from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+    from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _multiscale_roi_align, _setup_scales
 
     _HAS_POOLER_HELPERS = True
 except ImportError:  # pragma: no cover - a torchvision that renamed them keeps its own path
@@ -415,7 +415,32 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         Returns:
             Tensor[sum L, C, output_size[0], output_size[1]].
         """
-        if not _HAS_POOLER_HELPERS or torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the autograd.Function path (or super()); this is
+            # torchvision's own forward, so a scripted model behaves as torchvision's.
+            x_filtered = _filter_input(x, self.featmap_names)
+            if self.scales is None or self.map_levels is None:
+                self.scales, self.map_levels = _setup_scales(
+                    x_filtered, image_shapes, self.canonical_scale, self.canonical_level
+                )
+            return _multiscale_roi_align(
+                x_filtered, boxes, self.output_size, self.sampling_ratio, self.scales, self.map_levels
+            )
+        return self._forward_eager(x, boxes, image_shapes)
+
+    @torch.jit.unused
+    def _forward_eager(
+        self,
+        x: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        if (
+            not _HAS_POOLER_HELPERS
+            or not isinstance(x, dict)
+            or not isinstance(boxes, (list, tuple))
+            or not all(isinstance(v, Tensor) for v in x.values())  # fx proxies
+        ):
             return super().forward(x, boxes, image_shapes)
         x_filtered = _filter_input(x, self.featmap_names)
         if (

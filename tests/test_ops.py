@@ -116,7 +116,7 @@ def test_roi_align_float64_and_gradcheck():
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
         leaf = features.clone().requires_grad_()
-        assert torch.autograd.gradcheck(lambda x: roi_align(x, boxes, 3, 0.5, sampling_ratio, aligned), (leaf,))
+        assert torch.autograd.gradcheck(lambda x: roi_align(x, boxes, 3, 0.5, sampling_ratio, aligned), (leaf,), fast_mode=True)
 
 
 def test_roi_align_chunked_and_grouped_adaptive_grids(monkeypatch):
@@ -236,3 +236,10 @@ def test_use_fast_roi_align_keeps_detections(cls, expected):
     if cls is MaskRCNN:
         torch.testing.assert_close(after["masks"], before["masks"], rtol=0, atol=1e-4)
     assert use_fast_roi_align(model) == 0  # already swapped
+
+
+def test_multiscale_roi_align_scripts_to_torchvisions_forward():
+    features, boxes, shapes = _pyramid()
+    pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    scripted = torch.jit.script(pool)
+    torch.testing.assert_close(scripted(features, boxes, shapes), pool(features, boxes, shapes), **TOL)
