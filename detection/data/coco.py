@@ -99,10 +99,11 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     Args:
         image: H x W x 3 uint8 array.
     """
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
-    if not chw.flags.writeable:  # a PIL-backed array; torch warns on read-only memory
-        chw = chw.copy()
-    return torch.from_numpy(chw).to(torch.float32).div_(255.0)
+    # In numpy, one single-threaded pass: torch's intra-op threads would compete with
+    # DataLoader workers and the training step for the same cores.
+    chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
+    np.divide(image.transpose(2, 0, 1), np.float32(255.0), out=chw)
+    return torch.from_numpy(chw)
 
 
 def label_to_cat_id_from_mapping(mapping: Mapping[str, Any]) -> dict[int, int]:
