@@ -137,10 +137,18 @@ def _chunk_entries(
     row_start = params["offset"].to(index_dtype)[:, None, None, None] + iy * params["width"].to(index_dtype)[
         :, None, None, None
     ]
-    # Entry order (bin, sample y, sample x, corner y, corner x) is the kernel's summation order.
-    index = row_start[:, :, None, :, None, :, None] + ix[:, None, :, None, :, None, :]
-    weight = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]
+    # Entry order (sample y, sample x, corner y, corner x) within a bin is the kernel's
+    # summation order. Each axis is expanded to all of a bin's entries first, so the final
+    # broadcast runs over contiguous rows of entries instead of 7-d strides of 2.
     entries = grid_h * grid_w * 4
+    y_shape = (n, ph, 1, grid_h, grid_w, 2, 2)
+    x_shape = (n, 1, pw, grid_h, grid_w, 2, 2)
+    row_start = row_start[:, :, None, :, None, :, None].expand(y_shape).reshape(n, ph, 1, entries)
+    wy = wy[:, :, None, :, None, :, None].expand(y_shape).reshape(n, ph, 1, entries)
+    ix = ix[:, None, :, None, :, None, :].expand(x_shape).reshape(n, 1, pw, entries)
+    wx = wx[:, None, :, None, :, None, :].expand(x_shape).reshape(n, 1, pw, entries)
+    index = row_start + ix
+    weight = wy * wx
     return index.reshape(n * ph * pw, entries), weight.reshape(n * ph * pw, entries)
 
 
