@@ -291,20 +291,19 @@ def _unpool(plan: _Plan, grad: Tensor) -> Tensor:
     chunks = plan.chunks
     if not chunks:
         return grad.new_zeros(plan.table_rows, grad.shape[1])
-    index = torch.cat([c.index.flatten() for c in chunks])
-    weight = torch.cat([c.weight.flatten() for c in chunks])
+    single = len(chunks) == 1 and chunks[0].rows is None
+    index = chunks[0].index.flatten() if single else torch.cat([c.index.flatten() for c in chunks])
+    weight = chunks[0].weight.flatten() if single else torch.cat([c.weight.flatten() for c in chunks])
     # Stable, so every pixel adds its bins in the kernel's (RoI, bin, sample) order.
     order = torch.argsort(index, stable=True)
-    if len(chunks) == 1 and chunks[0].rows is None:
-        bins = order // chunks[0].index.shape[1]
+    sorted_weight = weight[order]
+    if single:
+        bins = order.div_(chunks[0].index.shape[1], rounding_mode="floor")
     else:
         bins = torch.cat([c.rows[:, None].expand_as(c.index).flatten() for c in chunks])[order]
-    bag_dtype = torch.int32 if max(plan.num_bins, index.numel()) < 2**31 - 1 else torch.int64
     starts = torch.zeros(plan.table_rows, dtype=torch.int64)
-    starts[1:] = torch.bincount(index.to(torch.int64), minlength=plan.table_rows)[:-1].cumsum(0)
-    return F.embedding_bag(
-        bins.to(bag_dtype), grad, starts.to(bag_dtype), mode="sum", per_sample_weights=weight[order]
-    )
+    torch.cumsum(torch.bincount(index, minlength=plan.table_rows)[:-1], 0, out=starts[1:])
+    return F.embedding_bag(bins, grad, starts, mode="sum", per_sample_weights=sorted_weight)
 
 
 class _RoIAlignFunction(torch.autograd.Function):
