@@ -83,7 +83,7 @@ def _dataset_json() -> dict[str, Any]:
     for i, ann in enumerate(anns, start=1):
         ann.update(id=i, area=float(ann["bbox"][2] * ann["bbox"][3]))
         ann.setdefault("iscrowd", 0)
-    return {"images": images, "annotations": anns, "categories": CATEGORIES}
+    return {"images": images, "annotations": anns, "categories": [dict(c) for c in CATEGORIES]}
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +246,12 @@ def test_missing_annotation_file(tmp_path: Path) -> None:
         CocoDetection(tmp_path, "val")
 
 
+def test_missing_image_folder(tmp_path: Path) -> None:
+    _write_json(tmp_path, _dataset_json())
+    with pytest.raises(FileNotFoundError, match=f"image folder not found: {tmp_path / 'val'}"):
+        CocoDetection(tmp_path, "val")
+
+
 def test_broken_json(tmp_path: Path) -> None:
     ann_file = _write_json(tmp_path, '{"images": [')
     with pytest.raises(ValueError, match=f"{ann_file}.*not valid JSON"):
@@ -268,6 +274,7 @@ def test_unknown_category_names_file_and_id(tmp_path: Path) -> None:
         (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "annotation id 1 has an invalid bbox"),
         (lambda d: d["images"][0].pop("height"), "image id 100 has no 'height'"),
         (lambda d: d["categories"].append({"id": 1, "name": "again"}), "category id 1 appears twice"),
+        (lambda d: d["images"][1].update(width=0), "image id 107 has invalid size 30 x 0"),
     ],
 )
 def test_invalid_annotation_file(tmp_path: Path, edit: Any, message: str) -> None:

@@ -155,11 +155,13 @@ def _load_annotations(ann_file: Path) -> dict[str, Any]:
 
     image_ids: set[int] = set()
     for img in data["images"]:
-        if not isinstance(img, dict) or "id" not in img:
-            raise ValueError(f"{ann_file}: image entry {img!r} has no 'id'")
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int):
+            raise ValueError(f"{ann_file}: image entry {img!r} needs an integer 'id'")
         for key in ("file_name", "height", "width"):
             if key not in img:
                 raise ValueError(f"{ann_file}: image id {img['id']} has no '{key}'")
+        if not (isinstance(img["height"], int) and isinstance(img["width"], int) and img["height"] > 0 and img["width"] > 0):
+            raise ValueError(f"{ann_file}: image id {img['id']} has invalid size {img['height']!r} x {img['width']!r}")
         if img["id"] in image_ids:
             raise ValueError(f"{ann_file}: image id {img['id']} appears twice")
         image_ids.add(img["id"])
@@ -240,6 +242,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.drop_empty = drop_empty
 
         data = _load_annotations(self.ann_file)
+        if not self.img_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.img_dir} (annotations: {self.ann_file})")
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -153,14 +153,14 @@ def render_image(
     """
     image = _background(rng, height, width)
     classes, full, visible = _place_objects(rng, height, width)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     for mask in full:
         colour = rng.uniform(0, 255, size=3).astype(np.float32)
         # A soft gradient across each shape, so that objects are not flat colour patches.
-        gx, gy = rng.uniform(-30, 30, size=2) / max(height, width)
-        shade = (gx * xs + gy * ys)[..., None]
-        region = mask.astype(bool)
-        image[region] = colour + shade[region]
+        gx, gy = (rng.uniform(-30, 30, size=2) / max(height, width)).astype(np.float32)
+        x, y, w, h = cv2.boundingRect(mask)
+        region = mask[y : y + h, x : x + w].astype(bool)
+        shade = gx * np.arange(x, x + w, dtype=np.float32)[None, :] + gy * np.arange(y, y + h, dtype=np.float32)[:, None]
+        image[y : y + h, x : x + w][region] = colour + shade[region][:, None]
     sigma = float(rng.uniform(3.0, 12.0))
     image += rng.standard_normal(image.shape, dtype=np.float32) * sigma
     image = np.clip(image, 0, 255).astype(np.uint8)

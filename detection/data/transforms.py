@@ -130,7 +130,7 @@ class DetectionTransform:
         labels: np.ndarray,
         masks: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)  # a copy: clipped in place below
         labels = np.asarray(labels, dtype=np.int64)
         indices = np.arange(len(boxes))
         if self.pipeline is not None:
@@ -157,7 +157,7 @@ class DetectionTransform:
         if masks is not None:
             valid &= masks.any(axis=(1, 2))
         result = {
-            "image": image_to_tensor(np.ascontiguousarray(image)),
+            "image": image_to_tensor(image),
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes[valid])),
             "labels": torch.from_numpy(labels[indices[valid]]),
             "keep": torch.from_numpy(indices[valid]),
