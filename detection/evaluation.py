@@ -66,8 +66,8 @@ def to_coco_results(
     if "masks" in output:
         masks = (output["masks"].detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
         for mask, score, label in zip(masks, scores, labels):
-            rle = mask_util.encode(np.asfortranarray(mask))
-            rle["counts"] = rle["counts"].decode("ascii")
+            encoded = mask_util.encode(np.asfortranarray(mask))
+            rle = {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
             segm.append({"image_id": int(image_id), "category_id": int(label_to_cat_id[label]), "segmentation": rle, "score": round(score, 5)})
     return bbox, segm
 
@@ -179,7 +179,8 @@ def coco_evaluate(
         }
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        coco_dt = coco_gt.loadRes(results)
+        # loadRes adds id/area/bbox to the dicts it gets: hand it copies, keep ours as written.
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])
         coco_eval = make_eval(coco_gt, coco_dt, iou_type)
         coco_eval.evaluate()
         coco_eval.accumulate()

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.fpn import ResNetFPN, resnet_fpn
@@ -88,6 +89,8 @@ def build_detector(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     norm: str | None = None,
+    out_channels: int = 256,
+    representation_size: int = 1024,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector on a ResNet-18/34 feature pyramid.
@@ -111,6 +114,10 @@ def build_detector(
         max_size: cap on the longer side.
         norm: trunk normalisation, ``"bn"``, ``"frozen_bn"`` or ``"gn"``; default
             ``"frozen_bn"`` with weights, ``"bn"`` without.
+        out_channels: channels of every pyramid level (256 as in the FPN paper).
+        representation_size: width of the R-CNN box head's two fully connected
+            layers (1024 as in torchvision/detectron2); its first layer dominates
+            the cost of the box head, so small CPU recipes lower it.
         **kwargs: passed to the torchvision model (``box_score_thresh``,
             ``box_detections_per_img``, ``rpn_batch_size_per_image``, ``score_thresh``,
             ``detections_per_img``, ...).
@@ -120,6 +127,7 @@ def build_detector(
         build it again.
     """
     _check(arch, backbone, num_classes, norm)
+    user_kwargs = dict(kwargs)
     if norm is None:
         norm = "frozen_bn" if weights_backbone is not None else "bn"
     if trainable_layers is None:
@@ -132,6 +140,7 @@ def build_detector(
         returned_layers=returned_layers,
         extra_blocks="pool" if two_stage else "p6p7",
         norm_layer=NORMS[norm],
+        out_channels=out_channels,
     )
     anchors = anchor_generator_for(arch, body)
     size_args = dict(min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size, max_size=max_size)
@@ -139,13 +148,18 @@ def build_detector(
         # Pool only the stage levels, as torchvision does: the P6 "pool" level only feeds the RPN.
         stage_levels = [f.name for f in body.feature_info if f.name not in ("pool", "p6", "p7")]
         box_pool = MultiScaleRoIAlign(featmap_names=stage_levels, output_size=7, sampling_ratio=2)
+        if representation_size != 1024:
+            resolution = box_pool.output_size[0]
+            kwargs["box_head"] = TwoMLPHead(out_channels * resolution**2, representation_size)
+            kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+            kwargs["num_classes"] = None
         if arch == "faster_rcnn":
-            model: nn.Module = FasterRCNN(body, num_classes=num_classes, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **size_args, **kwargs)
+            model: nn.Module = FasterRCNN(body, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **size_args, **{"num_classes": num_classes, **kwargs})
         else:
             mask_pool = MultiScaleRoIAlign(featmap_names=stage_levels, output_size=14, sampling_ratio=2)
             model = MaskRCNN(
-                body, num_classes=num_classes, rpn_anchor_generator=anchors, box_roi_pool=box_pool,
-                mask_roi_pool=mask_pool, **size_args, **kwargs,
+                body, rpn_anchor_generator=anchors, box_roi_pool=box_pool, mask_roi_pool=mask_pool,
+                **size_args, **{"num_classes": num_classes, **kwargs},
             )
     elif arch == "retinanet":
         model = RetinaNet(body, num_classes=num_classes, anchor_generator=anchors, **size_args, **kwargs)
@@ -161,9 +175,11 @@ def build_detector(
         "min_size": list(min_size) if isinstance(min_size, (list, tuple)) else min_size,
         "max_size": max_size,
         "norm": norm,
+        "out_channels": out_channels,
+        "representation_size": representation_size,
         # Provenance only: a rebuilt model gets its weights from the checkpoint.
         "weights_backbone": weights_backbone if isinstance(weights_backbone, str) else None,
-        "kwargs": dict(kwargs),
+        "kwargs": dict(user_kwargs),
     }
     return model
 

@@ -17,7 +17,7 @@ from backbones.weights import WeightsError
 from detection import distributed as dist_utils
 from detection.checkpoint import read_checkpoint
 from detection.config import DEFAULTS, ConfigError
-from detection.data import CocoDetection
+from detection.data import CocoDetection, label_to_cat_id_from_mapping
 from detection.engine import prepare_data_root
 from detection.evaluation import EVALUATORS, evaluate, format_per_category
 from detection.models import load_detector
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mapping = model.category_mapping
-    label_to_cat_id = {i + 1: int(c) for i, c in enumerate(mapping["cat_ids"])} if mapping else None
-    autocast_dtype = None
+    label_to_cat_id = label_to_cat_id_from_mapping(mapping) if mapping else None
     if args.fast:
         from detection.fast import optimize_for_inference
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(
         model, dataset, label_to_cat_id=label_to_cat_id, device=device, output_dir=out_dir,
         batch_size=args.batch_size, workers=args.workers, evaluator=args.evaluator,
-        autocast_dtype=autocast_dtype, progress=not args.no_progress,
+        progress=not args.no_progress,
     )
     if dist_utils.is_main_process():
         for iou_type, text in result["summaries"].items():

@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from backbones.weights import WeightsError
+from detection.data.coco import image_to_tensor, read_image_rgb
 from detection.models import load_detector
 from detection.visualize import draw_detections, save_image
 
@@ -69,12 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for path in paths:
             try:
-                with Image.open(path) as im:
-                    array = np.asarray(im.convert("RGB"))
-            except (OSError, UnidentifiedImageError) as e:
-                print(f"skipping {path}: {e}", file=sys.stderr)
+                image = image_to_tensor(read_image_rgb(path))
+            except Exception as e:  # PIL raises several types for corrupt files
+                print(f"skipping unreadable {path}: {e}", file=sys.stderr)
                 continue
-            image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
             det = model([image.to(args.device)])[0]
             save_image(draw_detections(image, det, names, score_thresh=args.score_thresh), out_dir / f"{path.stem}.png")
             keep = det["scores"] >= args.score_thresh
