@@ -18,7 +18,6 @@ to torchvision unchanged, so ``MultiScaleRoIAlign`` here is always a safe drop-i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -181,6 +180,10 @@ def _build_plan(
     level_scale = torch.tensor(scales, dtype=dtype)
     if levels is None:
         levels = torch.zeros(num_rois, dtype=torch.int64)
+    # torchvision's level mapper assumes consecutive pyramid levels; RoIs it maps past the
+    # last map given are left as zeros there, and so here.
+    on_a_level = levels < len(features)
+    levels = levels.clamp(max=len(features) - 1)
 
     rois = rois.detach()
     batch = rois[:, 0].to(torch.int64)
@@ -232,9 +235,10 @@ def _build_plan(
 
     groups: list[tuple[Optional[Tensor], int, int]]
     if sampling_ratio > 0:
-        groups = [(None, sampling_ratio, sampling_ratio)]
+        members = None if bool(on_a_level.all()) else torch.nonzero(on_a_level).flatten()
+        groups = [(members, sampling_ratio, sampling_ratio)]
     else:
-        has_samples = (grid_h > 0) & (grid_w > 0)
+        has_samples = (grid_h > 0) & (grid_w > 0) & on_a_level
         key = _grid_class(grid_h) * 64 + _grid_class(grid_w)
         key = torch.where(has_samples, key, -1)
         groups = []
