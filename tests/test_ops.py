@@ -120,8 +120,10 @@ def test_roi_align_float64_and_gradcheck():
 
 
 def test_roi_align_chunked_and_grouped_adaptive_grids(monkeypatch):
-    # Few entries per chunk forces many chunks and, with adaptive grids, many groups.
+    # Few entries per chunk forces many chunks and, with adaptive grids, many groups;
+    # few bins per slice, many pooling slices per chunk.
     monkeypatch.setattr(ops, "_MAX_ENTRIES_PER_CHUNK", 2000)
+    monkeypatch.setattr(ops, "_BINS_PER_SLICE", 100)
     features, boxes = _case(num_images=2, height=40, width=30, scale=1.0, rois_per_image=20)
     rois = torchvision.ops._utils.convert_boxes_to_roi_format(boxes)
     plan = ops._build_plan([features], rois, None, [1.0], (7, 7), 0, False)
