@@ -282,7 +282,7 @@ def _pool(plan: _Plan, table: Tensor, output_size: tuple[int, int]) -> Tensor:
     out = table.new_empty(shape) if plan.covers_all else table.new_zeros(shape)
     bins = plan.bins_per_roi
     # Pooling a few hundred RoIs at a time keeps each slice's [bins, C] result in cache
-    # for its transpose into [K, C, ph, pw] (about 1.4x faster than one pass, measured).
+    # for its transpose into [K, C, ph, pw] (a third faster than one pass, measured).
     rois_per_slice = max(1, _BINS_PER_SLICE // bins)
     for chunk in plan.chunks:
         num = chunk.index.shape[0] // bins
