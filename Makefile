@@ -4,20 +4,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test clean
+.PHONY: install train test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The CPU demo: Faster R-CNN R18-FPN from scratch on the built-in shapes data (configs/shapes_faster_rcnn_r18_fpn.yaml).
 train: $(STAMP)
-	@echo "make train: not there yet (arrives with the training tools)."
+	$(PY) tools/train_det.py --backbone resnet18
+
+bench: $(STAMP)
+	$(PY) tools/benchmark.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

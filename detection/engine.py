@@ -231,6 +231,9 @@ def train(cfg: dict[str, Any], *, resume: str | os.PathLike | bool | None = None
     masks = cfg["masks"] if cfg["masks"] is not None else cfg["model"] == "mask_rcnn"
     aug_min = cfg["aug_min_size"] or cfg["min_size"]
     transforms = build_transforms(cfg["augment"], train=True, min_size=aug_min, max_size=cfg["max_size"])
+    # torchvision's model transform resizes every image again; for multi-scale training it must
+    # sample the same sizes (it evaluates at the last one).
+    model_min_size = aug_min if cfg["augment"] == "multiscale" else cfg["min_size"]
     train_set = CocoDetection(root, train_split, transforms=transforms, masks=masks, drop_empty=True)
     val_set = CocoDetection(root, val_split, masks=False)
     if len(train_set) == 0:
@@ -241,7 +244,7 @@ def train(cfg: dict[str, Any], *, resume: str | os.PathLike | bool | None = None
         cfg["model"], backbone=cfg["backbone"], num_classes=train_set.num_classes,
         weights_backbone=None if cfg["weights_backbone"] in (None, "none") else cfg["weights_backbone"],
         trainable_layers=cfg["trainable_layers"], returned_layers=cfg["returned_layers"],
-        min_size=cfg["min_size"], max_size=cfg["max_size"], norm=cfg["norm"], **cfg["model_kwargs"],
+        min_size=model_min_size, max_size=cfg["max_size"], norm=cfg["norm"], **cfg["model_kwargs"],
     )
     model.to(device)
     if cfg["channels_last"]:
@@ -390,8 +393,9 @@ def train(cfg: dict[str, Any], *, resume: str | os.PathLike | bool | None = None
             t_data = time.perf_counter()
         skipped = train_set.num_skipped
         if skipped and dist_utils.is_main_process():
-            log.warning("epoch %d: %d unreadable images were skipped so far", epoch, skipped)
-            warnings.warn(f"epoch {epoch}: {skipped} unreadable training images were skipped")
+            log.warning("epoch %d: %d unreadable images were skipped: %s", epoch, skipped, ", ".join(train_set.skipped_files[:10]))
+            warnings.warn(f"epoch {epoch}: {skipped} unreadable training images were skipped (see log.txt)")
+        train_set.reset_skipped()
         epoch_done = iteration == (epoch + 1) * iters_per_epoch
         save_checkpoint(epoch + 1 if epoch_done else epoch)
         is_last = iteration >= stop_at

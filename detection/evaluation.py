@@ -87,8 +87,8 @@ def run_inference(
     workers: int = 0,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """Predict on this process's share of ``dataset`` and return COCO results.
+) -> dict[int, tuple[list[dict], list[dict]]]:
+    """Predict on this process's share of ``dataset`` and return COCO results per image id.
 
     Under ``torchrun`` each rank takes every ``world_size``-th image; gather with
     ``evaluate`` (or ``distributed.all_gather_object``).
@@ -111,8 +111,7 @@ def run_inference(
         pin_memory=device.type == "cuda",
     )
     model.eval()
-    bbox: list[dict] = []
-    segm: list[dict] = []
+    per_image: dict[int, tuple[list[dict], list[dict]]] = {}
     bar = tqdm(loader, desc="eval", disable=not progress or rank != 0, dynamic_ncols=True)
     for images, targets in bar:
         images = [img.to(device, non_blocking=True) for img in images]
@@ -120,10 +119,11 @@ def run_inference(
         with ctx:
             outputs = model(images)
         for out, target in zip(outputs, targets):
-            b, s = to_coco_results(out, int(target["image_id"]), label_to_cat_id)
-            bbox += b
-            segm += s
-    return bbox, segm
+            image_id = int(target["image_id"])
+            # An unreadable image is replaced by another one by the data set; score each image once.
+            if image_id not in per_image:
+                per_image[image_id] = to_coco_results(out, image_id, label_to_cat_id)
+    return per_image
 
 
 def _per_category_ap(coco_eval: Any, names: Mapping[int, str]) -> dict[str, float]:
@@ -237,12 +237,16 @@ def evaluate(
     """
     mapping = dict(label_to_cat_id) if label_to_cat_id is not None else dict(dataset.label_to_cat_id)
     t0 = time.perf_counter()
-    bbox, segm = run_inference(
+    mine = run_inference(
         model, dataset, mapping, device=device, batch_size=batch_size, workers=workers,
         progress=progress, autocast_dtype=autocast_dtype,
     )
-    bbox = [r for part in dist_utils.all_gather_object(bbox) for r in part]
-    segm = [r for part in dist_utils.all_gather_object(segm) for r in part]
+    merged: dict[int, tuple[list[dict], list[dict]]] = {}
+    for part in dist_utils.all_gather_object(mine):
+        for image_id, results in part.items():
+            merged.setdefault(image_id, results)
+    bbox = [r for b, _ in merged.values() for r in b]
+    segm = [r for _, s in merged.values() for r in s]
     t1 = time.perf_counter()
     result: dict[str, Any] = {}
     if dist_utils.is_main_process():

@@ -118,3 +118,42 @@ def optimize_for_inference(
     fast.backbone = wrapped
     fast.optimized_for_inference = {"dtype": str(dtype) if dtype else "float32", "channels_last": channels_last, "compile": compile}
     return fast
+
+
+def match_detections(
+    reference: dict[str, Tensor], candidate: dict[str, Tensor], *, score_thresh: float = 0.5, iou_thresh: float = 0.95
+) -> tuple[int, int]:
+    """Count reference detections reproduced by ``candidate``.
+
+    A reference detection with score >= ``score_thresh`` is matched when the candidate
+    has a detection of the same label with IoU >= ``iou_thresh`` (each candidate box
+    used at most once, greedily by IoU).
+
+    Args:
+        reference: detections of the eager fp32 model.
+        candidate: detections of the optimised model on the same image.
+        score_thresh: which reference detections must be reproduced.
+        iou_thresh: how closely.
+
+    Returns:
+        ``(matched, considered)``.
+    """
+    from torchvision.ops import box_iou
+
+    keep = reference["scores"] >= score_thresh
+    ref_boxes, ref_labels = reference["boxes"][keep], reference["labels"][keep]
+    if len(ref_boxes) == 0:
+        return 0, 0
+    if len(candidate["boxes"]) == 0:
+        return 0, len(ref_boxes)
+    iou = box_iou(ref_boxes.float(), candidate["boxes"].float())
+    iou[ref_labels[:, None] != candidate["labels"][None, :]] = 0
+    used: set[int] = set()
+    matched = 0
+    for i in range(len(ref_boxes)):
+        order = torch.argsort(iou[i], descending=True).tolist()
+        j = next((j for j in order if j not in used and iou[i, j] >= iou_thresh), None)
+        if j is not None:
+            used.add(j)
+            matched += 1
+    return matched, len(ref_boxes)

@@ -38,24 +38,28 @@ _TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def anchor_generator_for(arch: str, backbone: ResNetFPN) -> AnchorGenerator:
+def anchor_generator_for(arch: str, backbone: ResNetFPN, anchor_scale: float = 8.0) -> AnchorGenerator:
     """Anchors for every output level of ``backbone``, sized from its strides.
 
-    R-CNN RPNs get one size per level, 8x the stride (32 at stride 4, doubling per
-    level: torchvision's defaults on the standard pyramid); RetinaNet gets three
-    octave scales of 4x the stride; FCOS one point per location (size = stride).
-    All but FCOS use aspect ratios 0.5, 1 and 2.
+    R-CNN RPNs get one size per level, ``anchor_scale`` x the stride (default 8: 32
+    at stride 4, doubling per level, torchvision's defaults on the standard pyramid);
+    RetinaNet gets three octave scales from ``anchor_scale / 2`` x the stride; FCOS
+    one point per location (size = stride). All but FCOS use aspect ratios 0.5, 1, 2.
 
     Args:
         arch: one of ``ARCHS``.
         backbone: the pyramid whose ``feature_info`` decides the levels.
+        anchor_scale: anchor size over stride; lower it for small images (e.g. 2 for
+            128-pixel inputs whose objects are 10-100 pixels).
     """
+    if anchor_scale <= 0:
+        raise ValueError(f"anchor_scale must be positive, got {anchor_scale}")
     strides = [f.stride for f in backbone.feature_info]
     if arch in _TWO_STAGE:
-        sizes = tuple((8 * s,) for s in strides)
+        sizes = tuple((int(round(anchor_scale * s)),) for s in strides)
         ratios = (_ASPECT_RATIOS,) * len(strides)
     elif arch == "retinanet":
-        sizes = tuple(tuple(int(4 * s * 2 ** (i / 3)) for i in range(3)) for s in strides)
+        sizes = tuple(tuple(int(anchor_scale / 2 * s * 2 ** (i / 3)) for i in range(3)) for s in strides)
         ratios = (_ASPECT_RATIOS,) * len(strides)
     elif arch == "fcos":
         sizes = tuple((s,) for s in strides)
@@ -91,6 +95,7 @@ def build_detector(
     norm: str | None = None,
     out_channels: int = 256,
     representation_size: int = 1024,
+    anchor_scale: float = 8.0,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector on a ResNet-18/34 feature pyramid.
@@ -118,6 +123,8 @@ def build_detector(
         representation_size: width of the R-CNN box head's two fully connected
             layers (1024 as in torchvision/detectron2); its first layer dominates
             the cost of the box head, so small CPU recipes lower it.
+        anchor_scale: anchor size over stride (see ``anchor_generator_for``); the
+            default 8 suits COCO-sized images.
         **kwargs: passed to the torchvision model (``box_score_thresh``,
             ``box_detections_per_img``, ``rpn_batch_size_per_image``, ``score_thresh``,
             ``detections_per_img``, ...).
@@ -142,7 +149,7 @@ def build_detector(
         norm_layer=NORMS[norm],
         out_channels=out_channels,
     )
-    anchors = anchor_generator_for(arch, body)
+    anchors = anchor_generator_for(arch, body, anchor_scale)
     size_args = dict(min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size, max_size=max_size)
     if two_stage:
         # Pool only the stage levels, as torchvision does: the P6 "pool" level only feeds the RPN.
@@ -177,6 +184,7 @@ def build_detector(
         "norm": norm,
         "out_channels": out_channels,
         "representation_size": representation_size,
+        "anchor_scale": anchor_scale,
         # Provenance only: a rebuilt model gets its weights from the checkpoint.
         "weights_backbone": weights_backbone if isinstance(weights_backbone, str) else None,
         "kwargs": dict(user_kwargs),

@@ -1,0 +1,122 @@
+"""The fast inference path gives the eager model's numbers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from backbones import resnet_fpn
+from detection import build_detector
+from detection.fast import fold_batch_norms, match_detections, optimize_for_inference
+
+
+def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            # Statistics like a trained network's: activations neither vanish nor explode over 34 layers.
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.4 + 0.8)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) * 0.4 + 0.6)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+    return model
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, FrozenBatchNorm2d])
+def test_bn_folding_preserves_outputs(depth, norm):
+    torch.manual_seed(depth)
+    model = _random_statistics(resnet_fpn(depth, norm_layer=norm)).eval()
+    folded = copy.deepcopy(model)
+    expected_bns = sum(isinstance(m, norm) for m in model.modules())
+    assert fold_batch_norms(folded) == expected_bns
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.modules())
+    x = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        ref = model(x)
+        out = folded(x)
+        folded_cl = folded.to(memory_format=torch.channels_last)
+        out_cl = folded_cl(x.contiguous(memory_format=torch.channels_last))
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=0, atol=1e-4)
+        torch.testing.assert_close(out_cl[k], ref[k], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    model = build_detector("mask_rcnn", num_classes=4, min_size=160, max_size=224, box_score_thresh=0.0)
+    return _random_statistics(model).eval()
+
+
+def test_fp32_fast_path_gives_the_same_detections(detector):
+    fast = optimize_for_inference(detector)
+    assert fast is not detector and any(isinstance(m, nn.BatchNorm2d) for m in detector.modules())
+    images = [torch.rand(3, 150, 200), torch.rand(3, 180, 140)]
+    with torch.no_grad():
+        ref, out = detector(images), fast(images)
+    for a, b in zip(ref, out):
+        assert len(a["boxes"]) > 10
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(b["masks"], a["masks"], rtol=0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """A small Faster R-CNN overfitted on two shapes images, so it has confident detections."""
+    from detection.data import CocoDetection, collate_fn, shapes
+
+    torch.manual_seed(0)
+    root = shapes.generate(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=0, image_size=96, seed=1)
+    data = CocoDetection(root, "train")
+    images, targets = collate_fn([data[i] for i in range(len(data))])
+    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
+                           out_channels=64, representation_size=256)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(40):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), images
+
+
+def test_bf16_fast_path_keeps_the_confident_detections(overfit):
+    model, images = overfit
+    fast = optimize_for_inference(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, out = model(images), fast(images)
+    matched = considered = 0
+    for a, b in zip(ref, out):
+        m, c = match_detections(a, b, score_thresh=0.5, iou_thresh=0.95)
+        matched, considered = matched + m, considered + c
+    assert considered >= 2, "the overfitted model should have confident detections"
+    assert matched == considered
+
+
+def test_fp32_fast_path_on_trained_model(overfit):
+    model, images = overfit
+    with torch.no_grad():
+        ref, out = model(images), optimize_for_inference(model)(images)
+    for a, b in zip(ref, out):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=0, atol=1e-3)
+
+
+def test_match_detections_counts_label_and_overlap():
+    ref = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}
+    same = {k: v.clone() for k, v in ref.items()}
+    assert match_detections(ref, same) == (2, 2)
+    wrong_label = dict(same, labels=torch.tensor([1, 3]))
+    assert match_detections(ref, wrong_label) == (1, 2)
+    shifted = dict(same, boxes=same["boxes"] + torch.tensor([2.0, 0, 2, 0]))
+    assert match_detections(ref, shifted) == (0, 2)
+
+
+def test_optimize_rejects_non_detectors():
+    with pytest.raises(ValueError, match="expected a torchvision detector with a .backbone"):
+        optimize_for_inference(nn.Linear(2, 2))
