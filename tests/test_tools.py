@@ -235,3 +235,19 @@ def test_ddp_two_processes_train_and_evaluate_like_one(trained, tmp_path):
     d1 = json.loads((tmp_path / "e1" / "detections_bbox.json").read_text())
     d2 = json.loads((tmp_path / "e2" / "detections_bbox.json").read_text())
     assert len(d1) == len(d2) > 0
+
+
+def test_unreadable_training_images_are_skipped_counted_and_logged(tmp_path, monkeypatch):
+    from detection.data import shapes
+
+    root = shapes.generate(tmp_path / "data", num_train=8, num_val=2, image_size=64, seed=3)
+    broken = sorted((root / "train").glob("*.jpg"))[:2]
+    for path in broken:
+        path.write_bytes(b"\xff\xd8 not really a jpeg")
+    cfg = _tiny_cfg(tmp_path / "run", "epochs=1", "max_iters=null", f"data_path={root}", "train_split=train", "val_split=val")
+    with pytest.warns(UserWarning, match="unreadable training images were skipped"):
+        result = train(cfg, progress=False)
+    assert result["iteration"] >= 4
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "unreadable images were skipped" in log
+    assert all(p.name in log for p in broken)
