@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -251,3 +252,21 @@ def test_unreadable_training_images_are_skipped_counted_and_logged(tmp_path, mon
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "unreadable images were skipped" in log
     assert all(p.name in log for p in broken)
+
+
+def test_amp_on_cpu_trains_in_bfloat16(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
+    seen = []
+    original = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    result = train(_tiny_cfg(tmp_path / "amp", "max_iters=2", "amp=true", "channels_last=true"), progress=False)
+    assert result["iteration"] == 2
+    assert torch.bfloat16 in seen
+    records = [json.loads(line) for line in (tmp_path / "amp" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
