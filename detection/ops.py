@@ -28,12 +28,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-try:  # private helpers of torchvision.ops.poolers; present from 0.13 through 0.29 at least
+try:  # private helpers of torchvision.ops; present from 0.13 through 0.29 at least
+    from torchvision.ops._utils import check_roi_boxes_shape, convert_boxes_to_roi_format
     from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _multiscale_roi_align, _setup_scales
 
-    _HAS_POOLER_HELPERS = True
+    _HAS_TV_HELPERS = True
 except ImportError:  # pragma: no cover - a torchvision that renamed them keeps its own path
-    _HAS_POOLER_HELPERS = False
+    _HAS_TV_HELPERS = False
 
 __all__ = ["MultiScaleRoIAlign", "roi_align", "use_fast_roi_align"]
 
@@ -399,10 +400,10 @@ def roi_align(
         tensors = [input, *boxes]
     else:
         tensors = [input, boxes]
-    if not _fast_path_ok(tensors):
+    if not _HAS_TV_HELPERS or not _fast_path_ok(tensors):
         return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-    torchvision.ops._utils.check_roi_boxes_shape(boxes)
-    rois = boxes if isinstance(boxes, Tensor) else torchvision.ops._utils.convert_boxes_to_roi_format(boxes)
+    check_roi_boxes_shape(boxes)
+    rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(boxes)
     if input.dim() != 4 or input.numel() == 0 or rois.dim() != 2 or rois.shape[1] != 5:
         return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     size = _pair(output_size)
@@ -461,7 +462,7 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         image_shapes: list[tuple[int, int]],
     ) -> Tensor:
         if (
-            not _HAS_POOLER_HELPERS
+            not _HAS_TV_HELPERS
             or not isinstance(x, dict)
             or not isinstance(boxes, (list, tuple))
             or not all(isinstance(v, Tensor) for v in x.values())  # fx proxies
