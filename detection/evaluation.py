@@ -150,7 +150,8 @@ def coco_evaluate(
             same numbers, faster).
 
     Returns:
-        ``{"metrics": {f"{iou_type}/AP": ...} in percent, "summary": the 12-line text,
+        ``{"metrics": {f"{iou_type}/AP": ...} in percent (``None`` where the ground truth
+        has no object of that size), "summary": the 12-line text,
         "per_category": {name: AP}, "stats": the 12 raw stats}``.
     """
     if evaluator not in EVALUATORS:
@@ -187,8 +188,14 @@ def coco_evaluate(
         coco_eval.summarize()
     summary = "\n".join(line for line in buf.getvalue().splitlines() if line.lstrip().startswith("Average"))
     stats = [float(s) for s in coco_eval.stats[:12]]
-    metrics = {f"{iou_type}/{n}": (max(stats[i], 0.0) * 100) for i, n in enumerate(METRIC_NAMES)}
+    # pycocotools reports -1 where the ground truth has no object (e.g. no large ones): None, not 0.
+    metrics = {f"{iou_type}/{n}": (stats[i] * 100 if stats[i] >= 0 else None) for i, n in enumerate(METRIC_NAMES)}
     return {"metrics": metrics, "summary": summary, "per_category": _per_category_ap(coco_eval, names), "stats": stats}
+
+
+def format_metrics(metrics: Mapping[str, float | None]) -> str:
+    """``bbox/AP 30.31  bbox/AP50 45.09 ...`` (``n/a`` where the split has no such objects)."""
+    return "  ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in metrics.items())
 
 
 def format_per_category(table: Mapping[str, float], iou_type: str) -> str:

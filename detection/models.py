@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.fpn import ResNetFPN, resnet_fpn
@@ -159,6 +160,9 @@ def build_detector(
             resolution = box_pool.output_size[0]
             kwargs["box_head"] = TwoMLPHead(out_channels * resolution**2, representation_size)
             kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+            if arch == "mask_rcnn":
+                # torchvision's default mask predictor, which it only builds itself when given num_classes.
+                kwargs["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
             kwargs["num_classes"] = None
         if arch == "faster_rcnn":
             model: nn.Module = FasterRCNN(body, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **size_args, **{"num_classes": num_classes, **kwargs})

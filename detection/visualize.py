@@ -25,6 +25,7 @@ def draw_detections(
     *,
     score_thresh: float = 0.5,
     mask_threshold: float = 0.5,
+    min_side: int = 0,
 ) -> torch.Tensor:
     """Draw boxes, class names, scores and masks on one image.
 
@@ -35,6 +36,8 @@ def draw_detections(
         class_names: name per contiguous label (index 0 the background).
         score_thresh: detections below this score are not drawn.
         mask_threshold: mask probability that counts as inside.
+        min_side: upscale small images so their shorter side is at least this many
+            pixels before drawing, so labels stay readable (0: never).
 
     Returns:
         A uint8 CHW image.
@@ -44,12 +47,19 @@ def draw_detections(
         img = (img.clamp(0, 1) * 255).to(torch.uint8)
     keep = detections["scores"].detach().cpu() >= score_thresh
     boxes = detections["boxes"].detach().cpu()[keep].float()
+    masks = detections["masks"].detach().cpu()[keep][:, 0] if "masks" in detections else None
+    scale = max(1.0, min_side / min(img.shape[-2:])) if min_side else 1.0
+    if scale > 1.0:
+        size = [round(img.shape[-2] * scale), round(img.shape[-1] * scale)]
+        img = torch.nn.functional.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        boxes = boxes * scale
+        if masks is not None and len(masks):
+            masks = torch.nn.functional.interpolate(masks[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     labels = detections["labels"].detach().cpu()[keep].tolist()
     scores = detections["scores"].detach().cpu()[keep].tolist()
     colors = [_PALETTE[label % len(_PALETTE)] for label in labels]
-    if "masks" in detections and keep.any():
-        masks = detections["masks"].detach().cpu()[keep][:, 0] > mask_threshold
-        img = draw_segmentation_masks(img, masks, alpha=0.45, colors=colors)
+    if masks is not None and len(masks):
+        img = draw_segmentation_masks(img, masks > mask_threshold, alpha=0.45, colors=colors)
     if len(boxes):
         names = [class_names[label] if 0 <= label < len(class_names) else str(label) for label in labels]
         text = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
@@ -102,7 +112,8 @@ def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) ->
     ax_loss.set_xlabel("iteration")
     ax_loss.set_title("training loss")
     for key in sorted({k for r in evals for k in r if k.endswith(("/AP", "/AP50"))}):
-        ax_ap.plot([r["iter"] for r in evals], [r.get(key, float("nan")) for r in evals], marker="o", label=key)
+        values = [r.get(key) for r in evals]
+        ax_ap.plot([r["iter"] for r in evals], [v if v is not None else float("nan") for v in values], marker="o", label=key)
     if evals:
         ax_ap.legend(fontsize=8)
     ax_ap.set_xlabel("iteration")

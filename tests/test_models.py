@@ -164,3 +164,16 @@ def test_load_detector_rejects_other_files(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read"):
         load_detector(garbage)
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
+def test_small_head_options_build_and_rebuild(arch, tmp_path):
+    model = build_detector(arch, num_classes=4, out_channels=64, representation_size=128, anchor_scale=2, **SMALL)
+    assert model.backbone.out_channels == 64
+    assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7 and model.roi_heads.box_head.fc7.out_features == 128
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.rpn.anchor_generator.sizes[0] == (8,)
+    if arch == "mask_rcnn":
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    save_detector(model, tmp_path / "m.pth")
+    assert load_detector(tmp_path / "m.pth").build_args == model.build_args

@@ -19,7 +19,7 @@ from detection.checkpoint import read_checkpoint
 from detection.config import DEFAULTS, ConfigError
 from detection.data import CocoDetection, label_to_cat_id_from_mapping
 from detection.engine import prepare_data_root
-from detection.evaluation import EVALUATORS, evaluate, format_per_category
+from detection.evaluation import EVALUATORS, evaluate, format_metrics, format_per_category
 from detection.models import load_detector
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for iou_type, text in result["summaries"].items():
             print(f"\n{iou_type}:\n{text}\n")
             print(format_per_category(result["per_category"][iou_type], iou_type))
-        print("\n" + "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
+        print("\n" + format_metrics(result["metrics"]))
         sec = result["seconds"]
         print(f"inference {sec['inference']:.1f} s ({len(dataset) / max(sec['inference'], 1e-9):.1f} images/s), COCOeval {sec['coco_eval']:.2f} s; wrote {out_dir}")
     dist_utils.cleanup()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from detection.config import ConfigError, apply_overrides, load_config
+from detection.evaluation import format_metrics
 from detection.data import build_transforms  # noqa: F401  (fail early on a broken install)
 from detection.models import ARCHS, BACKBONES
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = result["metrics"]
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
         if metrics:
-            print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            print(format_metrics(metrics))
     dist_utils.cleanup()
     return 0
 
