@@ -243,6 +243,7 @@ def test_use_fast_roi_align_keeps_detections(cls, expected):
     assert use_fast_roi_align(model) == 0  # already swapped
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_multiscale_roi_align_scripts_to_torchvisions_forward():
     features, boxes, shapes = _pyramid()
     pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
