@@ -12,8 +12,10 @@ re-derives the weights for every (RoI, channel, bin) on one thread, which is whe
 time went (see ``tools/bench_roi_align.py``).
 
 Anything the fast path does not cover (CUDA and other devices, dtypes other than float32
-and float64, quantized tensors, autocast, scripting, tracing, ``torch.compile``) is handed
-to torchvision unchanged, so ``MultiScaleRoIAlign`` here is always a safe drop-in.
+and float64, quantized tensors, scripting, tracing, ``torch.compile``) is handed to
+torchvision unchanged, so ``MultiScaleRoIAlign`` here is always a safe drop-in. Under CPU
+autocast, as in torchvision's AutocastCPU kernel, pooling runs in float32 and the result
+takes the features' dtype.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ def _fast_path_ok(tensors: list[Tensor]) -> bool:
         if t.device.type != "cpu" or t.dtype != dtype or t.is_quantized or t.layout != torch.strided:
             return False
     return dtype in _FAST_DTYPES
+
+
+def _cpu_autocast(tensors: list[Tensor]) -> bool:
+    """Whether CPU autocast applies, where torchvision's kernel pools in float32."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if not torch.is_autocast_enabled("cpu"):
+        return False
+    return all(type(t) is Tensor and t.device.type == "cpu" for t in tensors)
+
+
+def _autocast_to_float(t: Tensor) -> Tensor:
+    # Autocast's rule for float32 ops: lower-precision floats are cast up, float64 is kept.
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @dataclass
@@ -341,7 +357,8 @@ class _RoIAlignFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
         channels = grad_output.shape[1]
         grad = grad_output.permute(0, 2, 3, 1).reshape(-1, channels)
-        grad_table = _unpool(ctx.plan, grad)
+        with torch.autocast("cpu", enabled=False):
+            grad_table = _unpool(ctx.plan, grad)
         grads: list[Optional[Tensor]] = [None, None]
         start = 0
         for n, c, h, w in ctx.shapes:
@@ -376,8 +393,9 @@ def roi_align(
     """RoIAlign with exactly ``torchvision.ops.roi_align``'s arguments and results.
 
     On CPU float32/float64 tensors it runs the vectorised path of this module (forward
-    and the gradient w.r.t. ``input``; like torchvision, no gradient reaches ``boxes``);
-    everything else goes to ``torchvision.ops.roi_align``.
+    and the gradient w.r.t. ``input``; like torchvision, no gradient reaches ``boxes``),
+    and under CPU autocast also float16/bfloat16 ones, pooled in float32 as torchvision
+    does; everything else goes to ``torchvision.ops.roi_align``.
 
     Args:
         input: Features [N, C, H, W].
@@ -400,6 +418,14 @@ def roi_align(
         tensors = [input, *boxes]
     else:
         tensors = [input, boxes]
+    if _cpu_autocast(tensors):
+        # As torchvision's AutocastCPU kernel: pool in float32, return the input's dtype.
+        with torch.autocast("cpu", enabled=False):
+            float_boxes = (
+                _autocast_to_float(boxes) if isinstance(boxes, Tensor) else [_autocast_to_float(b) for b in boxes]
+            )
+            out = roi_align(_autocast_to_float(input), float_boxes, output_size, spatial_scale, sampling_ratio, aligned)
+        return out.to(input.dtype)
     if not _HAS_TV_HELPERS or not _fast_path_ok(tensors):
         return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
     check_roi_boxes_shape(boxes)
@@ -469,6 +495,19 @@ class MultiScaleRoIAlign(torchvision.ops.MultiScaleRoIAlign):
         ):
             return super().forward(x, boxes, image_shapes)
         x_filtered = _filter_input(x, self.featmap_names)
+        if x_filtered and _cpu_autocast([*x_filtered, *boxes]):
+            dtype = x_filtered[0].dtype
+            if any(f.dtype != dtype for f in x_filtered):
+                return super().forward(x, boxes, image_shapes)
+            # torchvision pools each level in float32 (its AutocastCPU kernel) and stores
+            # the result in the first level's dtype; one float32 pass gives the same.
+            with torch.autocast("cpu", enabled=False):
+                out = self._forward_eager(
+                    {k: _autocast_to_float(v) for k, v in x.items()},
+                    [_autocast_to_float(b) for b in boxes],
+                    image_shapes,
+                )
+            return out.to(dtype)
         if (
             not x_filtered
             or not boxes

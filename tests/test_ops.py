@@ -153,6 +153,21 @@ def test_roi_align_uses_own_path_on_cpu_and_delegates_otherwise(monkeypatch):
     assert calls == [torch.float16, torch.float32]
 
 
+def test_cpu_autocast_pools_in_float32_like_torchvision(monkeypatch):
+    features, boxes = _case(num_images=2)
+    features = features.bfloat16()
+    rois = torchvision.ops._utils.convert_boxes_to_roi_format(boxes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grad = _forward_backward(torchvision.ops.roi_align, features, rois, 7, 0.25, 2)
+        monkeypatch.setattr(torchvision.ops, "roi_align", None)  # the fast path must not need it
+        out, grad = _forward_backward(roi_align, features, rois, 7, 0.25, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
+    # Same float32 result rounded to bfloat16: equal except where it sits on a rounding tie.
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-5)
+    assert (out == ref).float().mean() > 0.99
+    torch.testing.assert_close(grad, ref_grad, rtol=2**-7, atol=1e-5)
+
+
 def test_roi_align_degenerate_coordinates():
     features = torch.randn(1, 2, 6, 6)
     far = torch.tensor([[0.0, 1, 1, 1e9, 3], [0.0, -1e9, 1, 3, 3], [0.0, -1e9, -1e9, 1e9, 1e9]])
@@ -210,6 +225,18 @@ def test_multiscale_roi_align_matches_torchvision(featmap_names):
     if featmap_names == ["0", "2"]:
         assert (ref.flatten(1).abs().sum(1) == 0).any()
     assert repr(pool) == repr(ref_pool).replace(type(ref_pool).__name__, type(pool).__name__)
+
+
+def test_multiscale_roi_align_under_cpu_autocast():
+    features, boxes, shapes = _pyramid()
+    features = OrderedDict((k, v.bfloat16()) for k, v in features.items())
+    names = ["0", "1", "2", "3"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)(features, boxes, shapes)
+        out = MultiScaleRoIAlign(names, 7, 2)(features, boxes, shapes)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=1e-5)
+    assert (out == ref).float().mean() > 0.99
 
 
 def _detector(cls, seed=0):
