@@ -9,7 +9,7 @@ of a row interleaved (so drift of the machine hits all of them alike); the media
 reported, with the ratio to the reference of its row. CUDA timings are synchronised.
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the growth of a
 forked child's peak RSS over one forward (activations and workspace on top of the
-weights). Writes ``benchmark.json`` and ``benchmark.png`` to ``--output-dir``.
+weights, measured with one thread). Writes ``benchmark.json`` and ``benchmark.png`` to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, 
 
 
 def _child_peak(fn: Callable[[], Any], queue: Any) -> None:
+    # OpenMP's thread pool does not survive fork(); one thread is what DataLoader workers use too.
+    torch.set_num_threads(1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)

@@ -1,0 +1,36 @@
+"""tools/benchmark.py --quick runs and reports every row (tiny sizes: this checks the tool, not speed)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_every_row(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--quick", "--size", "64", "--depths", "18", "--reps", "1", "--warmup", "0",
+         "--output-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = report["rows"]
+    groups = {r["group"] for r in rows}
+    assert groups == {"trunk+FPN forward", "detector inference", "training iteration", "COCO evaluation"}
+    candidates = {(r["group"], r["candidate"]) for r in rows}
+    for group in ("trunk+FPN forward", "detector inference"):
+        assert {(group, "torchvision"), (group, "ours"), (group, "ours fast fp32"), (group, "ours fast bfloat16")} <= candidates
+    assert ("detector inference", "torchvision R50 (fasterrcnn_resnet50_fpn)") in candidates
+    assert {("training iteration", "torchvision"), ("training iteration", "ours"), ("training iteration", "ours --amp")} <= candidates
+    assert ("COCO evaluation", "pycocotools") in candidates
+    cases = {r["case"] for r in rows if r["group"] == "detector inference"}
+    assert any(c.startswith("faster_rcnn R18") for c in cases) and any(c.startswith("mask_rcnn R18") for c in cases)
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["seconds"] > 0 and r["ratio"] > 0
+        if r["candidate"] in ("torchvision", "pycocotools"):
+            assert r["ratio"] == 1.0
+    assert all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in rows if r["group"] == "detector inference")
+    assert (tmp_path / "benchmark.png").stat().st_size > 0
+    assert "ratio" in proc.stdout
