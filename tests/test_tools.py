@@ -112,6 +112,7 @@ def test_infer_cli_draws_one_png_per_image(trained, tmp_path):
         (["tools/train_det.py", "--data-path", "/nonexistent/coco"], "--data-path /nonexistent/coco does not exist"),
         (["tools/train_det.py", "--set", "lerning_rate=0.1"], "unknown config key 'lerning_rate'"),
         (["tools/train_det.py", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["tools/train_det.py", "--resume", "--output-dir", "/nonexistent/run"], "--resume: no checkpoint at /nonexistent/run/checkpoint.pth"),
         (["tools/eval_coco.py", "--checkpoint", "/nonexistent.pth"], "checkpoint /nonexistent.pth not found"),
         (["tools/infer.py", "--checkpoint", "x.pth", "--input", "/nonexistent", "--output", "o"], "input /nonexistent does not exist"),
     ],

@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg["weights_backbone"] = None
         if cfg["data_path"] is not None and not Path(cfg["data_path"]).is_dir():
             raise ConfigError(f"--data-path {cfg['data_path']} does not exist")
+        if args.resume is not None:
+            resume_from = Path(cfg["output_dir"]) / "checkpoint.pth" if args.resume is True else Path(args.resume)
+            if not resume_from.is_file():
+                raise ConfigError(f"--resume: no checkpoint at {resume_from}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
