@@ -2,9 +2,9 @@
 
 Frozen or eval-mode batch norm is an affine map, so it folds into the convolution
 before it (one kernel instead of two passes over memory); channels-last lets oneDNN
-and cuDNN pick their fast convolution kernels; the trunk and pyramid, which hold
-most of the FLOPs, may run in bf16/fp16 while the heads stay in fp32 so box
-regression and NMS see full-precision features.
+and cuDNN pick their fast convolution kernels; the trunk, which holds most of the
+FLOPs, may run in bf16/fp16 while the pyramid and heads stay in fp32 so box
+regression and NMS see full-precision features (the pyramid can opt in too).
 """
 
 from __future__ import annotations
@@ -58,16 +58,18 @@ class FastBackbone(nn.Module):
     """Wraps a pyramid backbone: channels-last input, optional autocast, fp32 outputs.
 
     Args:
-        backbone: the (BN-folded) pyramid backbone.
-        dtype: autocast dtype for the trunk and pyramid, or ``None`` for fp32.
+        backbone: the (BN-folded) pyramid backbone (``body`` + ``fpn``).
+        dtype: autocast dtype, or ``None`` for fp32.
         channels_last: feed the trunk NHWC tensors.
+        autocast_pyramid: run the pyramid under ``dtype`` too, not only the trunk.
     """
 
-    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype | None, channels_last: bool, autocast_pyramid: bool = False) -> None:
         super().__init__()
         self.inner = backbone
         self.dtype = dtype
         self.channels_last = channels_last
+        self.autocast_pyramid = autocast_pyramid
         self.out_channels = backbone.out_channels
         self.feature_info = getattr(backbone, "feature_info", None)
 
@@ -77,7 +79,12 @@ class FastBackbone(nn.Module):
         if self.dtype is None:
             return self.inner(x)
         with torch.autocast(x.device.type, dtype=self.dtype):
-            feats = self.inner(x)
+            if self.autocast_pyramid:
+                feats = self.inner(x)
+            else:
+                feats = self.inner.body(x)
+        if not self.autocast_pyramid:
+            feats = self.inner.fpn(OrderedDict((k, v.float()) for k, v in feats.items()))
         return OrderedDict((k, v.float()) for k, v in feats.items())
 
 
@@ -88,6 +95,7 @@ def optimize_for_inference(
     channels_last: bool = True,
     compile: bool = False,
     inplace: bool = False,
+    autocast_pyramid: bool = False,
 ) -> nn.Module:
     """Return a faster inference copy of a detector from ``build_detector``.
 
@@ -99,6 +107,10 @@ def optimize_for_inference(
         compile: apply ``torch.compile`` to the backbone (shapes vary per image, so it
             may recompile for new sizes; worth it for fixed-size serving).
         inplace: modify ``model`` instead of a deep copy.
+        autocast_pyramid: with ``dtype``, run the pyramid in reduced precision too.
+            Faster (the 3x3 pyramid convolutions at stride 4 are costly), but on the
+            trained shapes model it moved 2 of 410 confident detections below IoU
+            0.95, where the trunk alone moved none; off by default.
 
     Returns:
         The model in eval mode. Detections match the eager model (fp32: boxes within
@@ -112,11 +124,14 @@ def optimize_for_inference(
     backbone: nn.Module = fast.backbone
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    wrapped: nn.Module = FastBackbone(backbone, dtype, channels_last)
+    wrapped: nn.Module = FastBackbone(backbone, dtype, channels_last, autocast_pyramid)
     if compile:
         wrapped = torch.compile(wrapped, dynamic=True)
     fast.backbone = wrapped
-    fast.optimized_for_inference = {"dtype": str(dtype) if dtype else "float32", "channels_last": channels_last, "compile": compile}
+    fast.optimized_for_inference = {
+        "dtype": str(dtype) if dtype else "float32", "channels_last": channels_last, "compile": compile,
+        "autocast_pyramid": autocast_pyramid,
+    }
     return fast
 
 

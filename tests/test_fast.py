@@ -77,7 +77,7 @@ def overfit(tmp_path_factory):
     model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
                            out_channels=64, representation_size=256)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    for _ in range(40):
+    for _ in range(80):
         loss = sum(model(images, targets).values())
         opt.zero_grad()
         loss.backward()

@@ -109,6 +109,7 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
         fast_fp32 = optimize_for_inference(detector_like).backbone
         low = torch.bfloat16 if device.type == "cpu" else torch.float16
         fast_low = optimize_for_inference(detector_like, dtype=low).backbone
+        fast_low_all = optimize_for_inference(detector_like, dtype=low, autocast_pyramid=True).backbone
         for n, h, w in shapes:
             x = torch.rand(n, 3, h, w, device=device)
             fns = {
@@ -116,6 +117,7 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
                 "ours": lambda m=ours: m(x),
                 "ours fast fp32": lambda m=fast_fp32: m(x),
                 f"ours fast {str(low).split('.')[-1]}": lambda m=fast_low: m(x),
+                f"ours fast {str(low).split('.')[-1]} + pyramid": lambda m=fast_low_all: m(x),
             }
             with torch.no_grad():
                 t = time_interleaved(fns, args.reps, args.warmup, device)
@@ -147,6 +149,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             models = _detector_pairs(arch, depth, size)
             models["ours fast fp32"] = optimize_for_inference(models["ours"])
             models[f"ours fast {str(low).split('.')[-1]}"] = optimize_for_inference(models["ours"], dtype=low)
+            models[f"ours fast {str(low).split('.')[-1]} + pyramid"] = optimize_for_inference(models["ours"], dtype=low, autocast_pyramid=True)
             if arch == "faster_rcnn" and depth == args.depths[0]:
                 r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size[0], max_size=size[1]).eval()
                 r50.roi_heads.score_thresh = 0.0
