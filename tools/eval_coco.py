@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from train_det.py")
     p.add_argument("--data-path", help="COCO-layout root; omitted: the shapes set the checkpoint was trained on")
-    p.add_argument("--split", help="split to evaluate (default val2017, or val for shapes)")
+    p.add_argument("--split", help="split to evaluate (default: the checkpoint's val_split, val for shapes)")
     p.add_argument("--output-dir", help="where to write detections_*.json and metrics.json (default: beside the checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=1)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_path is not None:
             cfg["data_path"] = args.data_path
         root, _, default_split = prepare_data_root(cfg)
-        split = args.split or (default_split if args.data_path is None and cfg["data_path"] is None else "val2017")
+        split = args.split or default_split
         # Ground-truth masks are read by COCOeval from the annotation file, not from the loader.
         dataset = CocoDetection(root, split, masks=False)
     except (WeightsError, ValueError, FileNotFoundError, ConfigError) as e:

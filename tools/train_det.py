@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = args.config or (SHAPES_RECIPE if args.data_path is None else None)
         cfg = load_config(config)
-        weights = None if args.weights_backbone is None else args.weights_backbone
         cfg = apply_overrides(
             cfg, args.set, backbone=args.backbone, model=args.model, data_path=args.data_path,
             train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir,
             epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
-            device=args.device, amp=args.amp, weights_backbone=weights, trainable_layers=args.trainable_layers,
+            device=args.device, amp=args.amp, weights_backbone=args.weights_backbone, trainable_layers=args.trainable_layers,
             augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
         )
         if args.weights_backbone == "none":
