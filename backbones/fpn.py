@@ -13,11 +13,8 @@ and MMDetection keep tripping over:
   (torchvision's ``resnet_fpn_backbone`` freezes random layers when given no weights).
 """
 
-from __future__ import annotations
-
 import logging
-from collections import OrderedDict
-from typing import Literal, Sequence
+from typing import Dict, Literal, Optional, Sequence
 
 from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -55,12 +52,16 @@ class ResNetFPN(BackboneWithFPN):
         load_report: the ``LoadReport`` of the trunk's weights, or ``None``.
     """
 
+    # Python-side descriptions: TorchScript (torch.jit.script) compiles forward only.
+    __jit_unused_properties__ = ["strides", "channels"]
+    __jit_ignored_attributes__ = ["feature_info", "load_report"]
+
     def __init__(self, trunk: ResNet, returned_layers: Sequence[int], out_channels: int, extra_blocks: ExtraBlocks) -> None:
         stage_info = [trunk.feature_info[i - 1] for i in returned_layers]
         blocks = tuple(len(getattr(trunk, name)) for name in ("layer1", "layer2", "layer3", "layer4"))
         depth = {layers: d for d, layers in DEPTHS.items()}.get(blocks)
         if extra_blocks == "pool":
-            extra: nn.Module | None = LastLevelMaxPool()
+            extra: Optional[nn.Module] = LastLevelMaxPool()
         elif extra_blocks == "p6p7":
             extra = LastLevelP6P7(out_channels, out_channels)
         else:
@@ -72,7 +73,7 @@ class ResNetFPN(BackboneWithFPN):
             self.fpn.extra_blocks = None
         self.depth = depth
         self.returned_layers = tuple(returned_layers)
-        self.load_report: LoadReport | None = None
+        self.load_report: Optional[LoadReport] = None
         self.feature_info: list[FeatureInfo] = self._describe_outputs(stage_info)
 
     def _describe_outputs(self, stage_info: list[FeatureInfo]) -> list[FeatureInfo]:
@@ -92,16 +93,16 @@ class ResNetFPN(BackboneWithFPN):
         return info
 
     @property
-    def strides(self) -> dict[str, int]:
+    def strides(self) -> Dict[str, int]:
         """``{level name: stride}`` for every output."""
         return {f.name: f.stride for f in self.feature_info}
 
     @property
-    def channels(self) -> dict[str, int]:
+    def channels(self) -> Dict[str, int]:
         """``{level name: channels}`` for every output."""
         return {f.name: f.channels for f in self.feature_info}
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
         """Return the pyramid levels ``{"0": P2, ..., "pool": P6}`` (names per ``feature_info``)."""
         return self.fpn(self.body(x))
 

@@ -11,11 +11,9 @@ lists each stage's name, channels and stride, computed from the modules that wer
 built, and ``forward_features`` returns the stages as an ordered dict.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +79,8 @@ class BasicBlock(nn.Module):
         inplanes: int,
         planes: int,
         stride: int = 1,
-        downsample: nn.Module | None = None,
-        norm_layer: NormLayer | None = None,
+        downsample: Optional[nn.Module] = None,
+        norm_layer: Optional[NormLayer] = None,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -125,6 +123,9 @@ class ResNet(nn.Module):
         norm_layer: normalisation constructor (``nn.BatchNorm2d`` by default;
             ``torchvision.ops.FrozenBatchNorm2d`` for detection fine-tuning).
     """
+
+    # A Python-side description; TorchScript compiles forward only.
+    __jit_ignored_attributes__ = ["feature_info"]
 
     def __init__(
         self,
