@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench check-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ bench: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Needs one CUDA GPU: the CUDA tests, a 300-iteration CUDA training + evaluation, latency/memory, the CUDA benchmark;
+# under 8 minutes; summary in outputs/check_gpu/summary.md (tools/check_gpu.py). Without a GPU: an error, exit 2.
+check-gpu: $(STAMP)
+	$(PY) tools/check_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
