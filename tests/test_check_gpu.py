@@ -110,7 +110,7 @@ def test_the_real_steps_are_the_ones_the_issue_names(tmp_path):
     assert train[train.index("--max-iters") + 1] == "300" and "eval_period=0" in train
     assert steps["eval"].requires == [tmp_path / "train" / "model_final.pth"]
     assert steps["benchmark"].cmd[1:5] == ["tools/benchmark.py", "--device", "cuda", "--quick"]
-    assert sum(s.timeout_s for s in steps.values()) >= 450, "each step's own limit; the budget cuts the total"
+    assert cg.parse_args([]).budget + cg.MIN_STEP_S < 8 * 60, "the default budget keeps the whole check under 8 minutes"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests run instead of skipping")
@@ -170,6 +170,16 @@ def test_eval_figures_must_agree_with_the_training_evaluation(tmp_path):
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"bbox/AP": 2.0}))
     with pytest.raises(cg.CheckFailed, match="eval_coco.py gives bbox AP 2.00"):
         cg.eval_figures(tmp_path / "eval", tmp_path / "run")
+
+
+def test_latency_figures_require_the_fixed_work(tmp_path):
+    row = {"model": "Faster R-CNN R34-FPN", "candidate": "eager fp32", "median_ms": 30.0, "proposals": 1000, "detections": 100}
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps({"image": [800, 1333], "reps": 10, "warmup": 3, "rows": [row]}))
+    assert cg.latency_figures(path)["rows"] == [row]
+    path.write_text(json.dumps({"image": [800, 1333], "reps": 10, "warmup": 3, "rows": [dict(row, proposals=424)]}))
+    with pytest.raises(cg.CheckFailed, match="R34-FPN eager fp32: 424 proposals, 100 detections"):
+        cg.latency_figures(path)
 
 
 def test_summary_tables_show_the_figures():

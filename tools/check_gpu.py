@@ -170,6 +170,19 @@ def benchmark_figures(bench_dir: Path) -> dict[str, Any]:
     return {"machine": report.get("machine"), "rows": rows}
 
 
+def latency_figures(path: Path) -> dict[str, Any]:
+    """The latency step's JSON; fails when a model did not do the fixed work (1000 proposals, 100 detections)."""
+    result = json.loads(path.read_text())
+    rows = result.get("rows") or []
+    if not rows:
+        raise CheckFailed(f"{path} has no rows")
+    off = [f"{r['model']} {r['candidate']}: {r['proposals']} proposals, {r['detections']} detections" for r in rows
+           if (r["proposals"], r["detections"]) != (1000, 100)]
+    if off:
+        raise CheckFailed(f"not the fixed work of 1000 proposals and 100 detections: {'; '.join(off)}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # The latency step (run in its own process: python tools/check_gpu.py --measure-latency PATH)
 
@@ -202,30 +215,33 @@ def _time_model(model: torch.nn.Module, images: list[torch.Tensor], reps: int, w
     }
 
 
-def measure_latency(path: Path, *, reps: int = 10, warmup: int = 3) -> dict[str, Any]:
+def measure_latency(path: Path, *, reps: int = 10, warmup: int = 3, size: tuple[int, int] = LATENCY_SIZE) -> dict[str, Any]:
     """Inference latency and peak memory of Faster R-CNN R18/R34 at 800x1333 on CUDA; written to ``path``.
 
-    Random weights with the work fixed: RPN NMS at IoU 1.0 keeps all candidates, so every
-    image gets exactly ``rpn_post_nms_top_n_test`` (1000) proposals, and score threshold 0
-    leaves exactly 100 detections, whatever the weights score.
+    Random weights with the work fixed: NMS at IoU 1.0 (it still runs) keeps every
+    candidate, so each image gets exactly ``rpn_post_nms_top_n_test`` (1000) proposals
+    and, with score threshold 0, exactly 100 detections. Left at 0.7 / 0.5, random
+    weights decide the counts: on the CPU, seed 0, 800x1200, R18 kept 1000 proposals and
+    R34 424, so the two would not do the same work.
 
     Args:
         path: the JSON file to write.
         reps: timed forwards per candidate (the median is reported).
         warmup: untimed forwards first.
+        size: image height and width.
     """
     from detection import build_detector
     from detection.fast import optimize_for_inference
 
     device = torch.device("cuda")
-    h, w = LATENCY_SIZE
+    h, w = size
     images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)).to(device)]
     rows = []
     for depth in (18, 34):
         torch.manual_seed(0)
         eager = build_detector(
             "faster_rcnn", backbone=f"resnet{depth}", num_classes=91, min_size=h, max_size=w,
-            rpn_nms_thresh=1.0, box_score_thresh=0.0, box_detections_per_img=100,
+            rpn_nms_thresh=1.0, box_nms_thresh=1.0, box_score_thresh=0.0, box_detections_per_img=100,
         ).eval()
         candidates = {"eager fp32": eager, "fast fp16": optimize_for_inference(eager, dtype=torch.float16)}
         for name, model in candidates.items():
@@ -262,7 +278,7 @@ def build_steps(out: Path, python: str = sys.executable) -> list[Step]:
              collect=lambda: eval_figures(eval_dir, train_dir), requires=[train_dir / "model_final.pth"], outputs=[eval_dir]),
         Step("latency", f"Faster R-CNN R18/R34 at {LATENCY_SIZE[0]}x{LATENCY_SIZE[1]}: latency and peak memory",
              [python, str(Path(__file__).resolve()), "--measure-latency", str(latency)], 150,
-             collect=lambda: json.loads(latency.read_text()), outputs=[latency]),
+             collect=lambda: latency_figures(latency), outputs=[latency]),
         Step("benchmark", "tools/benchmark.py --device cuda --quick",
              [python, "tools/benchmark.py", "--device", "cuda", "--quick", "--output-dir", str(bench_dir)], 240,
              collect=lambda: benchmark_figures(bench_dir), outputs=[bench_dir]),
