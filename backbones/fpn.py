@@ -172,8 +172,7 @@ def resnet_fpn(
     trunk = resnet(depth, norm_layer=norm_layer)
     report = None
     if weights is not None:
-        report = load_pretrained(trunk, weights, download=download)
-        log.info("resnet%d_fpn trunk weights: %s", depth, report)
+        report = load_pretrained(trunk, weights, download=download)  # logs its report
     _freeze(trunk, trainable_layers)
     model = ResNetFPN(trunk, returned, out_channels, extra_blocks)
     model.load_report = report

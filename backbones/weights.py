@@ -155,8 +155,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e)
-        if "Unsupported global" in detail:
-            found = re.search(r"Unsupported global: (GLOBAL \S+)", detail)
+        # torch words this differently across versions: "Unsupported global: GLOBAL x.y" (2.4-2.5),
+        # "Trying to load unsupported GLOBAL x.y whose module x is blocked" (later).
+        found = re.search(r"(?i)unsupported(?: global:)? (GLOBAL \S+)", detail)
+        if found:
             raise WeightsError(
                 f"refused to load {path}: it is not plain tensor data ({found.group(1) if found else 'a Python object'} "
                 "would run code when unpickled; weights_only=True stopped it). Re-save it as a state dict."

@@ -1,24 +1,71 @@
-"""Checkpoint files written atomically and read as data only."""
+"""Every file this project writes for a model, and every key in it: one place to read.
+
+Two kinds of file, both plain tensors and containers (``torch.load(...,
+weights_only=True)`` reads them; a checkpoint is data, never code), both written
+atomically (a kill at any moment leaves the previous file or the new one):
+
+* a **detector** file (``model_final.pth``, ``save_detector``): ``model`` (the state
+  dict), ``build_args`` (what ``build_detector`` needs to rebuild it), and optionally
+  ``category_mapping`` (``{"cat_ids", "names"}``), ``config`` and ``iteration``;
+* a **training state** (``checkpoint.pth``, ``save_training_state``): the detector keys
+  plus ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``iteration``, which is
+  what an iteration-exact ``--resume`` needs.
+
+A detector file is also what ``load_detector`` takes, and a training state is a
+detector file too, so either rebuilds the model.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from backbones.weights import read_checkpoint
+from backbones.weights import WeightsError, read_checkpoint
 
-__all__ = ["atomic_save", "read_checkpoint"]
+from .models import rebuild_detector
+
+__all__ = [
+    "DETECTOR_KEYS",
+    "FORMAT_VERSION",
+    "TRAINING_KEYS",
+    "CheckpointError",
+    "atomic_save",
+    "load_detector",
+    "read_checkpoint",
+    "read_training_state",
+    "save_detector",
+    "save_training_state",
+]
+
+FORMAT_VERSION = 1
+DETECTOR_KEYS = ("model", "build_args")
+OPTIONAL_KEYS = ("category_mapping", "config", "iteration", "format_version")
+TRAINING_KEYS = DETECTOR_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config", "category_mapping")
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint file that is readable but is not what was asked for."""
+
+
+def _file_mode() -> int:
+    # The mode open() would give a new file: 0666 less the umask (mkstemp makes 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
     A crash or kill at any moment leaves either the previous file or the new one,
-    never a truncated mix: ``os.replace`` is atomic within one file system.
+    never a truncated mix: ``os.replace`` is atomic within one file system. The file
+    gets the permissions the umask gives any new file.
 
     Args:
         obj: what to save (tensors and plain containers, so it loads with
@@ -36,8 +83,135 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _detector_record(model: nn.Module, extra: Mapping[str, Any]) -> dict[str, Any]:
+    model = _unwrap(model)
+    if not hasattr(model, "build_args"):
+        raise ValueError("model has no build_args: build it with detection.build_detector to make it reloadable")
+    unknown = sorted(set(extra) - set(TRAINING_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown checkpoint keys {unknown}; a detector file holds {list(DETECTOR_KEYS + OPTIONAL_KEYS)}")
+    return {"model": model.state_dict(), "build_args": model.build_args, "format_version": FORMAT_VERSION, **extra}
+
+
+def save_detector(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    category_mapping: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+) -> Path:
+    """Write a detector file (``model``, ``build_args`` and what is given) atomically.
+
+    Args:
+        model: a model from ``build_detector`` (possibly wrapped in DDP).
+        path: destination file.
+        category_mapping: ``{"cat_ids": [...], "names": [...]}`` of the training data,
+            so predictions map back to the data set's own category ids.
+        config: the training config, for the record.
+        iteration: iterations trained.
+
+    Returns:
+        The destination path.
+    """
+    extra = {"category_mapping": category_mapping, "config": config, "iteration": iteration}
+    return atomic_save(_detector_record(model, {k: v for k, v in extra.items() if v is not None}), path)
+
+
+def _check_keys(ckpt: Any, keys: tuple[str, ...], what: str, source: Any) -> Mapping[str, Any]:
+    if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in keys):
+        found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        missing = [k for k in keys if not isinstance(ckpt, Mapping) or k not in ckpt]
+        raise CheckpointError(f"{source} is not a {what}: it lacks {missing} (found {found})")
+    return ckpt
+
+
+def load_detector(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a detector from a detector file or training state.
+
+    Args:
+        checkpoint: a file written by ``save_detector`` or by ``tools/train_det.py``
+            (``model_final.pth`` or ``checkpoint.pth``), or such a dict already loaded.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode; ``model.category_mapping`` holds the data set's
+        category mapping and ``model.train_config`` the training config when the
+        checkpoint has them (else ``None``).
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a detector checkpoint.
+    """
+    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    ckpt = _check_keys(ckpt, DETECTOR_KEYS, "detector checkpoint (from save_detector or tools/train_det.py)", checkpoint)
+    try:
+        model = rebuild_detector(ckpt["build_args"])
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint} does not rebuild a detector: {e}") from None
+    model.category_mapping = ckpt.get("category_mapping")
+    model.train_config = ckpt.get("config")
+    return model.to(device).eval()
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    epoch: int,
+    iteration: int,
+    config: Mapping[str, Any],
+    category_mapping: Mapping[str, Any],
+) -> Path:
+    """Write everything an iteration-exact resume needs, atomically.
+
+    Args:
+        path: destination (``checkpoint.pth``).
+        model: the detector (possibly DDP-wrapped).
+        optimizer: its optimizer.
+        scheduler: the per-iteration LR scheduler.
+        scaler: the ``GradScaler`` (its state is empty when disabled).
+        epoch: epochs completed.
+        iteration: iterations completed.
+        config: the run's config.
+        category_mapping: the training data's category mapping.
+
+    Returns:
+        The destination path.
+    """
+    state = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config), "category_mapping": dict(category_mapping),
+    }
+    return atomic_save(_detector_record(model, state), path)
+
+
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+
+    Args:
+        path: the training state file.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a training state (e.g. a
+            ``model_final.pth``, which has no optimizer).
+    """
+    ckpt = read_checkpoint(path)
+    return dict(_check_keys(ckpt, TRAINING_KEYS, "training checkpoint (checkpoint.pth from tools/train_det.py)", path))

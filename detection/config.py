@@ -1,20 +1,37 @@
 """Training recipes: one flat YAML file per recipe, overridden by flags and ``--set``.
 
-Every key that may appear is listed in ``DEFAULTS`` with its default, so a typo in a
-file or in ``--set`` is an error that names the key and the nearest valid ones,
-rather than a setting silently ignored.
+Every key that may appear is listed in ``DEFAULTS`` with its default and in ``SCHEMA``
+with what it must be, so a typo in a file or in ``--set`` is an error that names the
+key and the nearest valid ones, and a wrong value (``lr: fast``) is an error that
+names the key, what it must be and what it got, before any data is read.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "save_config", "validate"]
+__all__ = [
+    "CONFIG_DIR",
+    "DEFAULTS",
+    "SCHEMA",
+    "ConfigError",
+    "apply_overrides",
+    "default_recipe",
+    "find_recipe",
+    "list_recipes",
+    "load_config",
+    "resolve_device",
+    "save_config",
+    "validate",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -32,11 +49,11 @@ DEFAULTS: dict[str, Any] = {
     "returned_layers": None,
     "min_size": 800,
     "max_size": 1333,
-    "model_kwargs": {},  # passed to the torchvision model (e.g. rpn_batch_size_per_image)
+    "model_kwargs": {},  # build_detector / torchvision model options (e.g. rpn_batch_size_per_image)
     # data
     "data_path": None,  # null: the built-in shapes data set
-    "train_split": "train2017",
-    "val_split": "val2017",
+    "train_split": None,  # null: the one instances_*train*.json in annotations/ ("train" for shapes)
+    "val_split": None,  # null: the one instances_*val*.json in annotations/ ("val" for shapes)
     "masks": None,  # null: on for mask_rcnn
     "augment": "hflip",  # none | hflip | multiscale | lsj
     "aug_min_size": None,  # multiscale/lsj: shorter sides sampled (null: from min_size)
@@ -65,66 +82,216 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": False,
     "max_nonfinite": 5,  # consecutive non-finite losses before the run stops
     # run
-    "device": "cuda",
+    "device": "auto",  # auto (cuda when available, else cpu) | cpu | cuda
     "seed": 42,
     "deterministic": False,
     "eval_period": 1,  # epochs between evaluations; 0: only at the end
     "checkpoint_period": 1000,  # iterations
     "log_period": 20,  # iterations
+    "log_batches": False,  # write batches.jsonl: the image ids of every iteration
     "output_dir": "outputs/run",
     "num_vis": 4,  # validation images drawn at the end
 }
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, DEFAULTS, n=3)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _choice(*allowed: Any) -> tuple[str, Callable[[Any], bool]]:
+    return f"one of {list(allowed)}", lambda v: v in allowed
+
+
+def _optional(spec: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[Any], bool]]:
+    return f"{spec[0]} or null", lambda v: v is None or spec[1](v)
+
+
+_POS_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
+_NONNEG_INT = ("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+_POS_NUM = ("a positive number", lambda v: _is_number(v) and v > 0)
+_NONNEG_NUM = ("a non-negative number", lambda v: _is_number(v) and v >= 0)
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_STR = ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
+_SIZES = ("a positive integer or a non-empty list of them", lambda v: _POS_INT[1](v) or (isinstance(v, list) and bool(v) and all(_POS_INT[1](x) for x in v)))
+
+
+def _arch_choices() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    from .models import ARCHS, BACKBONES, NORMS
+
+    return tuple(ARCHS), tuple(BACKBONES), tuple(NORMS)
+
+
+_ARCHS, _BACKBONES, _NORMS = _arch_choices()
+
+SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": _choice(*_ARCHS),
+    "backbone": _choice(*_BACKBONES),
+    "weights_backbone": _optional(("'imagenet', 'none' or a checkpoint path", _STR[1])),
+    "trainable_layers": _optional(("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5)),
+    "norm": _choice(None, *_NORMS),
+    "sync_bn": _BOOL,
+    "returned_layers": _optional(("a non-empty list of stages from [1, 2, 3, 4]", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and 1 <= x <= 4 for x in v))),
+    "min_size": _SIZES,
+    "max_size": _POS_INT,
+    "model_kwargs": ("a mapping of option names to values", lambda v: isinstance(v, dict)),
+    "data_path": _optional(_STR),
+    "train_split": _optional(_STR),
+    "val_split": _optional(_STR),
+    "masks": _optional(_BOOL),
+    "augment": _choice("none", "hflip", "multiscale", "lsj"),
+    "aug_min_size": _optional(_SIZES),
+    "shapes_train": _POS_INT,
+    "shapes_val": _POS_INT,
+    "shapes_size": ("an integer >= 32", lambda v: _is_int(v) and v >= 32),
+    "shapes_seed": _NONNEG_INT,
+    "batch_size": _POS_INT,
+    "workers": _NONNEG_INT,
+    "epochs": _POS_INT,
+    "max_iters": _optional(_POS_INT),
+    "optimizer": _choice("sgd", "adamw"),
+    "lr": _POS_NUM,
+    "lr_reference_batch": _POS_INT,
+    "momentum": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "weight_decay": _NONNEG_NUM,
+    "scheduler": _choice("multistep", "cosine"),
+    "lr_steps": ("a list of epochs (non-negative numbers)", lambda v: isinstance(v, list) and all(_NONNEG_NUM[1](x) for x in v)),
+    "lr_gamma": _POS_NUM,
+    "warmup_iters": _NONNEG_INT,
+    "warmup_factor": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
+    "clip_grad_norm": _optional(_POS_NUM),
+    "amp": _BOOL,
+    "amp_dtype": _choice(None, "bfloat16", "float16"),
+    "channels_last": _BOOL,
+    "max_nonfinite": _POS_INT,
+    "device": _choice("auto", "cpu", "cuda"),
+    "seed": _NONNEG_INT,
+    "deterministic": _BOOL,
+    "eval_period": _NONNEG_INT,
+    "checkpoint_period": _POS_INT,
+    "log_period": _POS_INT,
+    "log_batches": _BOOL,
+    "output_dir": _STR,
+    "num_vis": _NONNEG_INT,
+}
+assert set(SCHEMA) == set(DEFAULTS), set(SCHEMA) ^ set(DEFAULTS)
+
+# Keys whose values are numbers: PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings.
+_NUMERIC = {k for k, (what, _) in SCHEMA.items() if "number" in what}
+
+
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def _coerce(key: str, value: Any) -> Any:
+    if key in _NUMERIC and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check keys and a few values; return the config unchanged.
+    """Check every key's name, type and range; return the config (numeric strings made numbers).
 
     Args:
         cfg: a merged config.
+
+    Raises:
+        ConfigError: naming the first bad key, what it must be and what it got.
     """
     unknown = [k for k in cfg if k not in DEFAULTS]
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}{_suggest(unknown[0])}; valid keys: {', '.join(DEFAULTS)}")
-    choices = {
-        "optimizer": ("sgd", "adamw"),
-        "scheduler": ("multistep", "cosine"),
-        "augment": ("none", "hflip", "multiscale", "lsj"),
-        "device": ("cpu", "cuda"),
-        "amp_dtype": (None, "bfloat16", "float16"),
-    }
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {list(allowed)}, got {cfg[key]!r}")
-    for key in ("batch_size", "epochs", "log_period", "checkpoint_period"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg["max_iters"] is not None and (not isinstance(cfg["max_iters"], int) or cfg["max_iters"] < 1):
-        raise ConfigError(f"max_iters must be a positive integer or null, got {cfg['max_iters']!r}")
-    if not isinstance(cfg["model_kwargs"], dict):
-        raise ConfigError(f"model_kwargs must be a mapping, got {cfg['model_kwargs']!r}")
+        raise ConfigError(f"unknown config key {unknown[0]!r}{_suggest(unknown[0], DEFAULTS)}; valid keys: {', '.join(DEFAULTS)}")
+    missing = [k for k in DEFAULTS if k not in cfg]
+    if missing:
+        raise ConfigError(f"config lacks keys {missing}; start from detection.config.DEFAULTS or load_config()")
+    if isinstance(cfg["weights_backbone"], str) and cfg["weights_backbone"].lower() == "none":
+        cfg["weights_backbone"] = None
+    for key, (what, ok) in SCHEMA.items():
+        cfg[key] = _coerce(key, cfg[key])
+        if not ok(cfg[key]):
+            raise ConfigError(f"{key} must be {what}, got {cfg[key]!r}")
+    from .models import check_detector_options
+
+    try:
+        check_detector_options(cfg["model"], cfg["model_kwargs"])
+    except ValueError as e:
+        raise ConfigError(f"model_kwargs: {e}") from None
     return cfg
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """A recipe file from a path, or from a name in ``configs/`` (with or without ``.yaml``).
+
+    Args:
+        name: ``configs/x.yaml``, ``x.yaml``, ``x`` or any path to a YAML file.
+
+    Raises:
+        ConfigError: when nothing matches; the message lists the shipped recipes.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file() and path.parent in (Path("."), Path("configs")):
+            return candidate
+    names = [r["name"] for r in list_recipes()]
+    raise ConfigError(f"config file not found: {name} (recipes in {CONFIG_DIR}: {', '.join(names)}{_suggest(path.stem, names)})")
+
+
+# The demo each architecture trains on the built-in shapes set when no --config or --data-path is given.
+SHAPES_RECIPES = {"mask_rcnn": "shapes_mask_rcnn_r18_fpn"}
+SHAPES_RECIPE = "shapes_faster_rcnn_r18_fpn"
+
+
+def default_recipe(model: str | None, data_path: str | None) -> Path | None:
+    """The recipe a run uses when none is named.
+
+    Without a data path: the shapes CPU recipe for ``model`` (Mask R-CNN has its own;
+    the others share the Faster R-CNN one, with ``model`` overridden). With a data path:
+    ``None``, i.e. ``DEFAULTS`` (the COCO 1x schedule at 800 px, on the device present).
+
+    Args:
+        model: the architecture asked for, if any.
+        data_path: the user's data folder, if any.
+    """
+    if data_path is not None:
+        return None
+    name = SHAPES_RECIPES.get(model or "", SHAPES_RECIPE)
+    path = CONFIG_DIR / f"{name}.yaml"
+    return path if path.is_file() else CONFIG_DIR / f"{SHAPES_RECIPE}.yaml"
+
+
+def list_recipes() -> list[dict[str, str]]:
+    """The shipped recipes: ``[{"name", "path", "description"}]``, description from the first comment line."""
+    recipes = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        recipes.append({"name": path.stem, "path": str(path), "description": first.lstrip("# ").strip()})
+    return recipes
 
 
 def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read a recipe over the defaults.
 
     Args:
-        path: a YAML file of ``key: value`` lines, or ``None`` for the defaults.
+        path: a YAML file of ``key: value`` lines (or a recipe name from ``configs/``),
+            or ``None`` for the defaults.
 
     Returns:
-        A new dict with every key of ``DEFAULTS``.
+        A new, validated dict with every key of ``DEFAULTS``.
     """
-    cfg = dict(DEFAULTS)
+    cfg = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
     if path is None:
-        return cfg
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        return validate(cfg)
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -133,9 +300,24 @@ def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     for key in data:
         if key not in DEFAULTS:
-            raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(key)}")
+            raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(key, DEFAULTS)}")
     cfg.update(data)
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any, item: str) -> None:
+    key, _, sub = dotted.partition(".")
+    if key not in DEFAULTS:
+        raise ConfigError(f"unknown config key {key!r} in --set {item!r}{_suggest(key, DEFAULTS)}")
+    if not sub:
+        cfg[key] = value
+        return
+    if not isinstance(cfg[key], dict):
+        raise ConfigError(f"--set {item!r}: {key} is not a mapping, so it has no field {sub!r}; use --set {key}=VALUE")
+    cfg[key] = {**cfg[key], sub: value}
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags: Any) -> dict[str, Any]:
@@ -144,7 +326,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags:
     Args:
         cfg: the config to update (a copy is returned).
         overrides: ``"key=value"`` strings; values are parsed as YAML
-            (``lr=0.01``, ``lr_steps=[8,11]``, ``weights_backbone=null``).
+            (``lr=0.01``, ``lr_steps=[8,11]``, ``weights_backbone=null``); a dotted key
+            sets one field of a mapping (``model_kwargs.anchor_scale=4``).
         **flags: keys set directly; ``None`` means "flag not given".
 
     Returns:
@@ -153,21 +336,37 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags:
     cfg = dict(cfg)
     for key, value in flags.items():
         if key not in DEFAULTS:
-            raise ConfigError(f"unknown config key {key!r}{_suggest(key)}")
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, DEFAULTS)}")
         if value is not None:
             cfg[key] = value
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown config key {key!r} in --set {item!r}{_suggest(key)}")
         try:
-            cfg[key] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse the value of --set {item!r}: {e}") from None
+        _set(cfg, key.strip(), value, item)
     return validate(cfg)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a CUDA device is present, else ``"cpu"``; others unchanged.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        ConfigError: ``"cuda"`` on a machine without a CUDA device.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA device is available; use --device cpu (or device: auto)")
+    return device
 
 
 def save_config(cfg: dict[str, Any], path: str | os.PathLike) -> None:

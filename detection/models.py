@@ -9,24 +9,35 @@ checkpoint can rebuild its own model (``load_detector``).
 
 from __future__ import annotations
 
-import os
+import difflib
+import inspect
 from collections.abc import Mapping
 from typing import Any, Sequence
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.fpn import ResNetFPN, resnet_fpn
 from backbones.weights import Source
 
-from .checkpoint import atomic_save, read_checkpoint
 from .ops import MultiScaleRoIAlign  # torchvision's pooler with a faster CPU RoIAlign; same results
 
-__all__ = ["ARCHS", "BACKBONES", "NORMS", "build_detector", "load_detector", "save_detector", "anchor_generator_for"]
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "NORMS",
+    "anchor_generator_for",
+    "build_detector",
+    "check_detector_options",
+    "count_parameters",
+    "detector_options",
+    "rebuild_detector",
+]
 
 ARCHS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
 BACKBONES = {"resnet18": 18, "resnet34": 34}
@@ -70,6 +81,74 @@ def anchor_generator_for(arch: str, backbone: ResNetFPN, anchor_scale: float = 8
     return AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
 
 
+_CLASSES = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
+# Set by build_detector from its own arguments; passing them again would collide.
+_BUILT_HERE = {"self", "backbone", "kwargs", "rpn_anchor_generator", "anchor_generator", "box_roi_pool", "mask_roi_pool"}
+# build_detector arguments that a training config sets as top-level keys, not as model_kwargs.
+_CONFIG_KEYS = {"backbone", "weights_backbone", "trainable_layers", "returned_layers", "min_size", "max_size", "norm"}
+
+
+def detector_options(arch: str) -> set[str]:
+    """Keyword options ``build_detector(arch, ...)`` accepts: its own and those of torchvision's class.
+
+    Args:
+        arch: one of ``ARCHS``.
+    """
+    if arch not in _CLASSES:
+        raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
+    own = set(inspect.signature(build_detector).parameters) - {"arch"}
+    theirs = set(inspect.signature(_CLASSES[arch].__init__).parameters)
+    # The models pass their **kwargs on to GeneralizedRCNNTransform.
+    transform = set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters)
+    return (own | theirs | transform) - _BUILT_HERE
+
+
+def check_detector_options(arch: str, options: Mapping[str, Any], *, config: bool = True) -> None:
+    """Raise for an option name ``build_detector(arch, ...)`` would not use.
+
+    Args:
+        arch: one of ``ARCHS``.
+        options: option names (and values) meant for the detector.
+        config: the options come from a training config's ``model_kwargs``, where the
+            arguments that have a top-level config key (``min_size``, ``backbone``, ...)
+            are refused with a pointer to that key.
+
+    Raises:
+        ValueError: naming the unknown option and the closest valid ones.
+    """
+    valid = detector_options(arch) - (_CONFIG_KEYS | {"num_classes"} if config else set())
+    for name in options:
+        if config and name == "num_classes":
+            raise ValueError("num_classes comes from the training data's categories (plus the background); it cannot be set")
+        if config and name in _CONFIG_KEYS:
+            raise ValueError(f"{name!r} is a config key of its own: set {name} at the top level, not in model_kwargs")
+        if name not in valid:
+            close = difflib.get_close_matches(name, sorted(valid), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown option {name!r} for {arch}{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts.
+
+    Args:
+        model: any module (a DDP wrapper is fine).
+    """
+    params = list(getattr(model, "module", model).parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _check_pyramid(arch: str, returned_layers: Sequence[int] | None) -> None:
+    if arch not in _TWO_STAGE or returned_layers is None:
+        return
+    stages = sorted(set(int(i) for i in returned_layers))
+    if stages and stages != list(range(stages[0], stages[-1] + 1)):
+        # torchvision's RoI level mapper numbers pooled levels consecutively from the finest:
+        # with a gap, RoIs meant for the missing level pool the wrong map, or zeros.
+        valid = ", ".join(str(list(range(a, 5))) for a in range(1, 5)) + ", or any other run of consecutive stages"
+        raise ValueError(f"returned_layers for {arch} must be consecutive stages, got {list(returned_layers)}: valid choices are {valid}")
+
+
 def _check(arch: str, backbone: str, num_classes: int, norm: str | None) -> None:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
@@ -97,6 +176,9 @@ def build_detector(
     out_channels: int = 256,
     representation_size: int = 1024,
     anchor_scale: float = 8.0,
+    mask_head_channels: int = 256,
+    mask_head_layers: int = 4,
+    mask_roi_size: int = 14,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector on a ResNet-18/34 feature pyramid.
@@ -126,6 +208,12 @@ def build_detector(
             the cost of the box head, so small CPU recipes lower it.
         anchor_scale: anchor size over stride (see ``anchor_generator_for``); the
             default 8 suits COCO-sized images.
+        mask_head_channels: Mask R-CNN only: width of the mask head's 3x3
+            convolutions and of the predictor's deconvolution (256 in torchvision).
+        mask_head_layers: Mask R-CNN only: number of 3x3 convolutions in the mask
+            head (4 in torchvision; 0 feeds the pooled features to the predictor).
+        mask_roi_size: Mask R-CNN only: side of the mask RoIAlign output (14 in
+            torchvision); predicted masks are twice this size.
         **kwargs: passed to the torchvision model (``box_score_thresh``,
             ``box_detections_per_img``, ``rpn_batch_size_per_image``, ``score_thresh``,
             ``detections_per_img``, ...).
@@ -135,12 +223,22 @@ def build_detector(
         build it again.
     """
     _check(arch, backbone, num_classes, norm)
+    check_detector_options(arch, kwargs, config=False)
+    _check_pyramid(arch, returned_layers)
     user_kwargs = dict(kwargs)
     if norm is None:
         norm = "frozen_bn" if weights_backbone is not None else "bn"
     if trainable_layers is None:
         trainable_layers = 3 if weights_backbone is not None else 5
     two_stage = arch in _TWO_STAGE
+    mask_options = {"mask_head_channels": mask_head_channels, "mask_head_layers": mask_head_layers, "mask_roi_size": mask_roi_size}
+    for name, value in mask_options.items():
+        lowest = 0 if name == "mask_head_layers" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+    custom_mask_head = (mask_head_channels, mask_head_layers) != (256, 4)
+    if arch != "mask_rcnn" and (custom_mask_head or mask_roi_size != 14):
+        raise ValueError(f"mask_head_channels, mask_head_layers and mask_roi_size only apply to mask_rcnn, got them for {arch!r}")
     body = resnet_fpn(
         BACKBONES[backbone],
         weights=weights_backbone,
@@ -156,18 +254,21 @@ def build_detector(
         # Pool only the stage levels, as torchvision does: the P6 "pool" level only feeds the RPN.
         stage_levels = [f.name for f in body.feature_info if f.name not in ("pool", "p6", "p7")]
         box_pool = MultiScaleRoIAlign(featmap_names=stage_levels, output_size=7, sampling_ratio=2)
-        if representation_size != 1024:
+        if representation_size != 1024 or (arch == "mask_rcnn" and custom_mask_head):
             resolution = box_pool.output_size[0]
             kwargs["box_head"] = TwoMLPHead(out_channels * resolution**2, representation_size)
             kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
             if arch == "mask_rcnn":
-                # torchvision's default mask predictor, which it only builds itself when given num_classes.
-                kwargs["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes)
+                if custom_mask_head:
+                    kwargs["mask_head"] = MaskRCNNHeads(out_channels, [mask_head_channels] * mask_head_layers, 1)
+                # torchvision's predictor, which it only builds itself when given num_classes.
+                predictor_in = mask_head_channels if mask_head_layers else out_channels
+                kwargs["mask_predictor"] = MaskRCNNPredictor(predictor_in, mask_head_channels, num_classes)
             kwargs["num_classes"] = None
         if arch == "faster_rcnn":
             model: nn.Module = FasterRCNN(body, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **size_args, **{"num_classes": num_classes, **kwargs})
         else:
-            mask_pool = MultiScaleRoIAlign(featmap_names=stage_levels, output_size=14, sampling_ratio=2)
+            mask_pool = MultiScaleRoIAlign(featmap_names=stage_levels, output_size=mask_roi_size, sampling_ratio=2)
             model = MaskRCNN(
                 body, rpn_anchor_generator=anchors, box_roi_pool=box_pool, mask_roi_pool=mask_pool,
                 **size_args, **{"num_classes": num_classes, **kwargs},
@@ -189,6 +290,7 @@ def build_detector(
         "out_channels": out_channels,
         "representation_size": representation_size,
         "anchor_scale": anchor_scale,
+        **(mask_options if arch == "mask_rcnn" else {}),
         # Provenance only: a rebuilt model gets its weights from the checkpoint.
         "weights_backbone": weights_backbone if isinstance(weights_backbone, str) else None,
         "kwargs": dict(user_kwargs),
@@ -197,7 +299,11 @@ def build_detector(
 
 
 def rebuild_detector(build_args: Mapping[str, Any]) -> nn.Module:
-    """Build an untrained model from a ``build_args`` record (no weights are fetched)."""
+    """Build an untrained model from a ``build_args`` record (no weights are fetched).
+
+    Args:
+        build_args: ``model.build_args`` of a model from ``build_detector``.
+    """
     args = dict(build_args)
     kwargs = dict(args.pop("kwargs", {}) or {})
     args.pop("weights_backbone", None)
@@ -207,37 +313,10 @@ def rebuild_detector(build_args: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-def save_detector(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
-    """Write ``{"model": state_dict, "build_args": ..., **extra}`` atomically.
+def __getattr__(name: str) -> Any:
+    # save_detector / load_detector live with every other on-disk key in detection.checkpoint.
+    if name in ("save_detector", "load_detector"):
+        from . import checkpoint
 
-    Args:
-        model: a model from ``build_detector`` (possibly wrapped in DDP).
-        path: destination file.
-        **extra: more plain data to store, e.g. ``category_mapping``.
-    """
-    model = getattr(model, "module", model)
-    if not hasattr(model, "build_args"):
-        raise ValueError("model has no build_args: build it with detection.build_detector to make it reloadable")
-    atomic_save({"model": model.state_dict(), "build_args": model.build_args, **extra}, path)
-
-
-def load_detector(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str = "cpu") -> nn.Module:
-    """Rebuild a detector from a checkpoint that stores its ``build_args``.
-
-    Args:
-        checkpoint: a file written by ``save_detector`` or by ``tools/train_det.py``
-            (``model_final.pth`` or ``checkpoint.pth``), or such a dict already loaded.
-        device: where to put the model.
-
-    Returns:
-        The model in eval mode; ``model.category_mapping`` holds the data set's
-        category mapping when the checkpoint has one (else ``None``).
-    """
-    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
-    if not isinstance(ckpt, Mapping) or "build_args" not in ckpt or "model" not in ckpt:
-        keys = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise ValueError(f"{checkpoint} is not a detector checkpoint: expected keys 'model' and 'build_args', found {keys}")
-    model = rebuild_detector(ckpt["build_args"])
-    model.load_state_dict(ckpt["model"], strict=True)
-    model.category_mapping = ckpt.get("category_mapping")
-    return model.to(device).eval()
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

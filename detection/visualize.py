@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -18,6 +19,42 @@ _PALETTE = [
 ]
 
 
+def _font(size: int) -> Any:
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError:  # no TrueType font found: PIL's bitmap font, still with a background box
+        return ImageFont.load_default(size)
+
+
+def _text_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    # Black on light label backgrounds, white on dark ones (ITU-R BT.601 luma).
+    return (0, 0, 0) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 150 else (255, 255, 255)
+
+
+def _draw_labels(img: torch.Tensor, boxes: torch.Tensor, texts: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    from PIL import Image, ImageDraw
+
+    height, width = img.shape[-2:]
+    size = max(12, round(min(height, width) / 28))
+    font = _font(size)
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(pil)
+    pad = max(1, size // 6)
+    for (x0, y0, _, _), text, color in zip(boxes.tolist(), texts, colors):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        w, h = right - left + 2 * pad, bottom - top + 2 * pad
+        # Above the box when there is room, else just inside its top edge; never off the image.
+        x = min(max(x0, 0), max(width - w, 0))
+        y = y0 - h if y0 - h >= 0 else max(y0, 0)
+        y = min(y, max(height - h, 0))
+        draw.rectangle((x, y, x + w, y + h), fill=color)
+        draw.text((x + pad - left, y + pad - top), text, fill=_text_color(color), font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
 def draw_detections(
     image: torch.Tensor,
     detections: Mapping[str, torch.Tensor],
@@ -25,9 +62,13 @@ def draw_detections(
     *,
     score_thresh: float = 0.5,
     mask_threshold: float = 0.5,
-    min_side: int = 0,
+    min_side: int = 512,
 ) -> torch.Tensor:
-    """Draw boxes, class names, scores and masks on one image.
+    """Draw boxes, class names, scores and masks on one image, legibly at any image size.
+
+    Small images are upscaled first; labels are set in a font sized with the picture,
+    on a filled box of the detection's colour with black or white text, whichever
+    contrasts.
 
     Args:
         image: CHW float in [0, 1] or uint8.
@@ -37,14 +78,14 @@ def draw_detections(
         score_thresh: detections below this score are not drawn.
         mask_threshold: mask probability that counts as inside.
         min_side: upscale small images so their shorter side is at least this many
-            pixels before drawing, so labels stay readable (0: never).
+            pixels before drawing (0: never).
 
     Returns:
         A uint8 CHW image.
     """
     img = image.detach().cpu()
     if img.dtype != torch.uint8:
-        img = (img.clamp(0, 1) * 255).to(torch.uint8)
+        img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     keep = detections["scores"].detach().cpu() >= score_thresh
     boxes = detections["boxes"].detach().cpu()[keep].float()
     masks = detections["masks"].detach().cpu()[keep][:, 0] if "masks" in detections else None
@@ -62,8 +103,9 @@ def draw_detections(
         img = draw_segmentation_masks(img, masks > mask_threshold, alpha=0.45, colors=colors)
     if len(boxes):
         names = [class_names[label] if 0 <= label < len(class_names) else str(label) for label in labels]
-        text = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
-        img = draw_bounding_boxes(img, boxes, labels=text, colors=colors, width=2)
+        width = max(2, round(min(img.shape[-2:]) / 200))
+        img = draw_bounding_boxes(img, boxes, colors=colors, width=width)
+        img = _draw_labels(img, boxes, [f"{n} {s:.2f}" for n, s in zip(names, scores)], colors)
     return img
 
 

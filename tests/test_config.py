@@ -11,6 +11,7 @@ from detection.engine import build_scheduler
 from pathlib import Path
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -85,3 +86,59 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_values_are_typed_and_range_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr must be a positive number, got 'fast'"):
+        load_config(recipe)
+    for item, message in [
+        ("lr=-1", "lr must be a positive number, got -1"),
+        ("model=yolo", "model must be one of"),
+        ("backbone=resnet50", "backbone must be one of"),
+        ("norm=ln", "norm must be one of"),
+        ("trainable_layers=6", r"trainable_layers must be an integer in \[0, 5\]"),
+        ("returned_layers=[0, 5]", "returned_layers must be a non-empty list"),
+        ("amp=maybe", "amp must be true or false"),
+        ("workers=-1", "workers must be a non-negative integer"),
+        ("device=tpu", "device must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(load_config(), [item])
+    # PyYAML reads 1e-3 (no dot) as a string; a number it is.
+    assert apply_overrides(load_config(), ["lr=1e-3"])["lr"] == pytest.approx(1e-3)
+
+
+def test_dotted_overrides_set_one_option_and_typos_are_named():
+    cfg = apply_overrides(load_config(), ["model_kwargs={rpn_batch_size_per_image: 64}", "model_kwargs.anchor_scale=4"])
+    assert cfg["model_kwargs"] == {"rpn_batch_size_per_image": 64, "anchor_scale": 4}
+    with pytest.raises(ConfigError, match="unknown option 'anchor_scal'.*did you mean anchor_scale"):
+        apply_overrides(cfg, ["model_kwargs.anchor_scal=4"])
+    with pytest.raises(ConfigError, match="lr is not a mapping"):
+        apply_overrides(cfg, ["lr.x=1"])
+    with pytest.raises(ConfigError, match="'min_size' is a config key of its own"):
+        apply_overrides(cfg, ["model_kwargs.min_size=4"])
+
+
+def test_device_auto_is_the_default_and_resolves_to_what_is_present():
+    from detection.config import resolve_device
+
+    assert load_config()["device"] == "auto"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device is available"):
+            resolve_device("cuda")
+
+
+def test_recipes_are_found_by_name_and_listed():
+    from detection.config import default_recipe, find_recipe, list_recipes
+
+    names = [r["name"] for r in list_recipes()]
+    assert names == sorted(p.stem for p in CONFIGS)
+    assert find_recipe("faster_rcnn_r18_fpn_1x_coco").resolve() == (REPO / "configs" / "faster_rcnn_r18_fpn_1x_coco.yaml").resolve()
+    assert load_config("faster_rcnn_r18_fpn_1x_coco.yaml")["model"] == "faster_rcnn"
+    with pytest.raises(ConfigError, match=r"config file not found: faster_rcnn_r18.*recipes in .*shapes_faster_rcnn_r18_fpn"):
+        find_recipe("faster_rcnn_r18")
+    assert default_recipe("faster_rcnn", None).name == "shapes_faster_rcnn_r18_fpn.yaml"
+    assert default_recipe("faster_rcnn", "/data/coco") is None

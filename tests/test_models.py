@@ -59,7 +59,7 @@ def test_parity_with_torchvision(arch, tv_cls, depth):
         ("faster_rcnn", None),
         ("faster_rcnn", [2, 3, 4]),
         ("faster_rcnn", [3]),
-        ("mask_rcnn", [2, 4]),
+        ("mask_rcnn", [3, 4]),
         ("retinanet", None),
         ("retinanet", [3, 4]),
         ("fcos", None),
@@ -158,7 +158,7 @@ def test_load_detector_round_trip(arch, tmp_path):
 def test_load_detector_rejects_other_files(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not a detector checkpoint: expected keys 'model' and 'build_args'"):
+    with pytest.raises(ValueError, match=r"not a detector checkpoint .*lacks \['model', 'build_args'\]"):
         load_detector(path)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -177,3 +177,36 @@ def test_small_head_options_build_and_rebuild(arch, tmp_path):
         assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
     save_detector(model, tmp_path / "m.pth")
     assert load_detector(tmp_path / "m.pth").build_args == model.build_args
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn"])
+def test_rcnn_pyramid_with_a_gap_is_refused_naming_the_valid_choices(arch):
+    with pytest.raises(ValueError, match=r"returned_layers for .* must be consecutive stages, got \[2, 4\].*\[2, 3, 4\]"):
+        build_detector(arch, num_classes=3, returned_layers=[2, 4])
+    # Single-stage heads have no RoI pooler: their anchors follow the real strides.
+    model = build_detector("retinanet", num_classes=3, returned_layers=[2, 4], **SMALL)
+    assert [f.stride for f in model.backbone.feature_info] == [8, 32, 64, 128]
+
+
+@pytest.mark.parametrize("box, level, stride", [([8.0, 8.0, 40.0, 40.0], "0", 8), ([0.0, 0.0, 448.0, 448.0], "2", 32)])
+def test_rois_pool_the_pyramid_level_their_size_maps_to(box, level, stride):
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    model = build_detector("faster_rcnn", num_classes=3, returned_layers=[2, 3, 4], min_size=448, max_size=448).eval()
+    image = torch.rand(1, 3, 448, 448)
+    with torch.no_grad():
+        feats = model.backbone(image)
+        pooled = model.roi_heads.box_roi_pool(feats, [torch.tensor([box])], [(448, 448)])
+    expected = roi_align(feats[level], [torch.tensor([box])], output_size=7, spatial_scale=1 / stride, sampling_ratio=2)
+    assert pooled.abs().sum() > 0
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_detector_options_are_named_with_the_closest_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option 'box_score_thres' for faster_rcnn; did you mean box_score_thresh"):
+        build_detector("faster_rcnn", num_classes=3, box_score_thres=0.5)
+    with pytest.raises(ValueError, match=r"unknown option 'box_score_thresh' for retinanet; did you mean .*score_thresh"):
+        build_detector("retinanet", num_classes=3, box_score_thresh=0.5)
+    model = build_detector("retinanet", num_classes=3, score_thresh=0.3, size_divisible=64, **SMALL)
+    assert model.score_thresh == 0.3 and model.transform.size_divisible == 64

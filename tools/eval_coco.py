@@ -1,7 +1,8 @@
-"""COCO mAP (bbox, and segm for Mask R-CNN) of a trained checkpoint, with pycocotools.
+"""COCO mAP (bbox, and segm for Mask R-CNN) of a trained model, with pycocotools.
 
     python tools/eval_coco.py --checkpoint outputs/run/model_final.pth                   # shapes val
     python tools/eval_coco.py --checkpoint model_final.pth --data-path /data/coco --split val2017
+    python tools/eval_coco.py --checkpoint model.onnx --runtime onnxruntime             # the deployed file itself
     torchrun --nproc_per_node=8 tools/eval_coco.py --checkpoint ... --data-path /data/coco
 """
 
@@ -11,67 +12,63 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from backbones.weights import WeightsError
-from detection import distributed as dist_utils
-from detection.checkpoint import read_checkpoint
-from detection.config import DEFAULTS, ConfigError
-from detection.data import CocoDetection, label_to_cat_id_from_mapping
-from detection.engine import prepare_data_root
-from detection.evaluation import EVALUATORS, evaluate, format_metrics, format_per_category
-from detection.models import load_detector
+from detection.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
+from detection.evaluation import EVALUATORS
+from detection.predictor import RUNTIMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from train_det.py")
-    p.add_argument("--data-path", help="COCO-layout root; omitted: the shapes set the checkpoint was trained on")
-    p.add_argument("--split", help="split to evaluate (default: the checkpoint's val_split, val for shapes)")
+    p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx / .xml")
+    p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
+    p.add_argument("--data-path", help="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)")
+    p.add_argument("--split", help="split to evaluate (default: the training run's val split, or the one *val* split found)")
     p.add_argument("--output-dir", help="where to write detections_*.json and metrics.json (default: beside the checkpoint)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=list(DEVICES), default="auto")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--evaluator", choices=list(EVALUATORS), default="pycocotools")
-    p.add_argument("--fast", action="store_true", help="BN folding + channels-last (+ --dtype) inference path")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="with --fast: trunk/pyramid precision")
+    p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="with --fast: trunk precision")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ckpt_path = Path(args.checkpoint)
-    if not ckpt_path.is_file():
-        print(f"error: checkpoint {ckpt_path} not found", file=sys.stderr)
-        return 2
+    from detection import distributed as dist_utils
+    from detection.config import DEFAULTS, resolve_device
+    from detection.data import CocoDetection
+    from detection.data.roots import evaluation_data
+    from detection.evaluation import evaluate, format_metrics, format_per_category
+    from detection.predictor import EXPORTED_SUFFIXES, Predictor
+
+    path = Path(args.checkpoint)
     try:
-        device = dist_utils.init_distributed(args.device)
-        ckpt = read_checkpoint(ckpt_path)
-        model = load_detector(ckpt, device=str(device))
-        cfg = dict(DEFAULTS)
-        cfg.update(ckpt.get("config") or {})
-        if args.data_path is not None:
-            cfg["data_path"] = args.data_path
-        root, _, default_split = prepare_data_root(cfg)
-        split = args.split or default_split
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        exported = path.suffix.lower() in EXPORTED_SUFFIXES or args.runtime not in (None, "torch")
+        if exported and args.device == "cuda":
+            raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
+        device = "cpu" if exported else resolve_device(args.device)
+        device = str(dist_utils.init_distributed(device))
+        predictor = Predictor(path, runtime=args.runtime, device=device, fast=args.fast, dtype=parse_dtype(args.dtype))
+        train_config = getattr(predictor.model, "train_config", None)
+        if args.data_path is None and not train_config:
+            raise FileNotFoundError(f"{path} does not record its training data: pass --data-path (and --split)")
+        cfg = {**DEFAULTS, **(train_config or {})}
+        root, split = evaluation_data(cfg, data_path=args.data_path, split=args.split)
         # Ground-truth masks are read by COCOeval from the annotation file, not from the loader.
         dataset = CocoDetection(root, split, masks=False)
-    except (WeightsError, ValueError, FileNotFoundError, ConfigError) as e:
+    except (*USER_ERRORS, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    mapping = model.category_mapping
-    label_to_cat_id = label_to_cat_id_from_mapping(mapping) if mapping else None
-    if args.fast:
-        from detection.fast import optimize_for_inference
-
-        dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-        model = optimize_for_inference(model, dtype=dtype)
-    out_dir = Path(args.output_dir) if args.output_dir else ckpt_path.parent / f"eval_{split}"
+    out_dir = Path(args.output_dir) if args.output_dir else path.parent / f"eval_{split}"
     result = evaluate(
-        model, dataset, label_to_cat_id=label_to_cat_id, device=device, output_dir=out_dir,
-        batch_size=args.batch_size, workers=args.workers, evaluator=args.evaluator,
-        progress=not args.no_progress,
+        predictor.model, dataset, label_to_cat_id=predictor.label_to_cat_id, device=device, output_dir=out_dir,
+        batch_size=args.batch_size, workers=args.workers, evaluator=args.evaluator, progress=not args.no_progress,
     )
     if dist_utils.is_main_process():
         for iou_type, text in result["summaries"].items():
@@ -79,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_per_category(result["per_category"][iou_type], iou_type))
         print("\n" + format_metrics(result["metrics"]))
         sec = result["seconds"]
-        print(f"inference {sec['inference']:.1f} s ({len(dataset) / max(sec['inference'], 1e-9):.1f} images/s), COCOeval {sec['coco_eval']:.2f} s; wrote {out_dir}")
+        print(f"inference {sec['inference']:.1f} s ({len(dataset) / max(sec['inference'], 1e-9):.1f} images/s), "
+              f"COCOeval {sec['coco_eval']:.2f} s; wrote {out_dir}")
     dist_utils.cleanup()
     return 0
 

@@ -7,6 +7,10 @@ Policy for bad input (each case is tested):
 - Missing or invalid annotation file, an annotation whose ``category_id`` or
   ``image_id`` is unknown, or a malformed ``bbox``: an error at construction
   that names the file and the offending id.
+- A missing ``iscrowd`` means 0 and a missing ``area`` is computed (the mask's
+  area when a segmentation exists, else the box's), when the file is read, with
+  one warning counting what was filled; the filled object is what evaluation
+  scores against, so every COCO evaluator sees the same ground truth.
 - Crowd regions (``iscrowd=1``) are left out of training targets (they stay in
   :attr:`CocoDetection.coco`, where COCOeval uses them).
 - A box partly outside the image is clipped to it; a box with zero width or
@@ -14,8 +18,7 @@ Policy for bad input (each case is tested):
 - ``drop_empty=True`` leaves out images with no usable object.
 - An unreadable, corrupt or missing image, or one whose decoded size differs
   from the annotation file, is skipped: ``__getitem__`` returns the next
-  readable index instead, a :class:`SkippedImageWarning` names the file once
-  per run, and :attr:`CocoDetection.num_skipped` counts the skips (shared by
+  readable index instead, a logged warning names the file once per run, and :attr:`CocoDetection.num_skipped` counts the skips (shared by
   DataLoader workers).
 - Grayscale, RGBA, palette and 16-bit images are converted to RGB uint8.
 """
@@ -30,19 +33,19 @@ import logging
 import math
 import multiprocessing
 import os
-import warnings
 from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import pycocotools.mask as mask_util
 from PIL import Image
 from pycocotools.coco import COCO
 
 __all__ = [
+    "AnnotationError",
     "CocoDetection",
-    "SkippedImageWarning",
     "cat_id_to_label_from_mapping",
     "image_to_tensor",
     "label_to_cat_id_from_mapping",
@@ -56,8 +59,8 @@ BACKGROUND = "__background__"
 Transform = Callable[..., Mapping[str, torch.Tensor]]
 
 
-class SkippedImageWarning(UserWarning):
-    """An image could not be used and was skipped (issued once per file)."""
+class AnnotationError(ValueError):
+    """A COCO annotation file that cannot be used; the message names the file and the entry."""
 
 
 def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
@@ -136,52 +139,77 @@ def _load_annotations(ann_file: Path) -> dict[str, Any]:
         with open(ann_file, "rb") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{ann_file}: not valid JSON ({exc})") from exc
+        raise AnnotationError(f"{ann_file}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object at top level, got {type(data).__name__}")
+        raise AnnotationError(f"{ann_file}: expected a JSON object at top level, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: missing or non-list '{key}'")
+            raise AnnotationError(f"{ann_file}: missing or non-list '{key}'")
 
     cat_ids: set[int] = set()
     for cat in data["categories"]:
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
-            raise ValueError(f"{ann_file}: category {cat!r} needs an integer 'id' and a string 'name'")
+            raise AnnotationError(f"{ann_file}: category {cat!r} needs an integer 'id' and a string 'name'")
         if cat["id"] in cat_ids:
-            raise ValueError(f"{ann_file}: category id {cat['id']} appears twice")
+            raise AnnotationError(f"{ann_file}: category id {cat['id']} appears twice")
         cat_ids.add(cat["id"])
     if not cat_ids:
-        raise ValueError(f"{ann_file}: 'categories' is empty")
+        raise AnnotationError(f"{ann_file}: 'categories' is empty")
 
     image_ids: set[int] = set()
     for img in data["images"]:
         if not isinstance(img, dict) or not isinstance(img.get("id"), int):
-            raise ValueError(f"{ann_file}: image entry {img!r} needs an integer 'id'")
+            raise AnnotationError(f"{ann_file}: image entry {img!r} needs an integer 'id'")
         for key in ("file_name", "height", "width"):
             if key not in img:
-                raise ValueError(f"{ann_file}: image id {img['id']} has no '{key}'")
+                raise AnnotationError(f"{ann_file}: image id {img['id']} has no '{key}'")
         if not (isinstance(img["height"], int) and isinstance(img["width"], int) and img["height"] > 0 and img["width"] > 0):
-            raise ValueError(f"{ann_file}: image id {img['id']} has invalid size {img['height']!r} x {img['width']!r}")
+            raise AnnotationError(f"{ann_file}: image id {img['id']} has invalid size {img['height']!r} x {img['width']!r}")
         if img["id"] in image_ids:
-            raise ValueError(f"{ann_file}: image id {img['id']} appears twice")
+            raise AnnotationError(f"{ann_file}: image id {img['id']} appears twice")
         image_ids.add(img["id"])
 
     known = sorted(cat_ids)
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         if ann_id is None:
-            raise ValueError(f"{ann_file}: annotation {ann!r} has no 'id'")
+            raise AnnotationError(f"{ann_file}: annotation {ann!r} has no 'id'")
         if ann.get("category_id") not in cat_ids:
-            raise ValueError(
+            raise AnnotationError(
                 f"{ann_file}: annotation id {ann_id} has category_id {ann.get('category_id')!r}, "
                 f"which is not in 'categories' (known ids: {known})"
             )
         if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{ann_file}: annotation id {ann_id} has unknown image_id {ann.get('image_id')!r}")
+            raise AnnotationError(f"{ann_file}: annotation id {ann_id} has unknown image_id {ann.get('image_id')!r}")
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise ValueError(f"{ann_file}: annotation id {ann_id} has an invalid bbox {bbox!r} (want [x, y, w, h])")
+            raise AnnotationError(f"{ann_file}: annotation id {ann_id} has an invalid bbox {bbox!r} (want [x, y, w, h])")
+    _fill_defaults(data, ann_file)
     return data
+
+
+def _fill_defaults(data: dict[str, Any], ann_file: Path) -> None:
+    """Give every annotation the ``iscrowd`` and ``area`` fields COCOeval reads (hand-made files often lack them)."""
+    images = {img["id"]: img for img in data["images"]}
+    crowd = area = 0
+    for ann in data["annotations"]:
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            crowd += 1
+        if not _is_number(ann.get("area")):
+            segm = ann.get("segmentation")
+            if segm:
+                img = images[ann["image_id"]]
+                rles = mask_util.frPyObjects(segm, img["height"], img["width"]) if isinstance(segm, list) or isinstance(segm.get("counts"), list) else segm
+                ann["area"] = float(mask_util.area(mask_util.merge(rles) if isinstance(rles, list) else rles))
+            else:
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            area += 1
+    if crowd or area:
+        logger.warning(
+            "%s: filled fields COCO evaluation needs: iscrowd=0 for %d annotations, area (from mask, else box) for %d",
+            ann_file, crowd, area,
+        )
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -290,7 +318,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if ann.get("iscrowd", 0):
                 continue
             if self.masks and not ann.get("segmentation"):
-                raise ValueError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation, needed for masks=True")
+                raise AnnotationError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation, needed for masks=True")
             x, y, w, h = ann["bbox"]
             box = [min(max(x, 0.0), width), min(max(y, 0.0), height), min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
             if box[2] <= box[0] or box[3] <= box[1]:
@@ -346,7 +374,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _mark_bad(self, index: int, reason: str) -> None:
         self._bad[index] = True
-        warnings.warn(f"skipping image {self.image_path(index)}: {reason}", SkippedImageWarning, stacklevel=3)
+        logger.warning("skipping image %s: %s", self.image_path(index), reason)
 
     def _read(self, index: int) -> np.ndarray | None:
         path = self.image_path(index)

@@ -1,0 +1,167 @@
+"""The training engine's named steps, each on its own, and resume proved by the batches it sees."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones import resnet18
+from detection import engine
+from detection.checkpoint import read_checkpoint, read_training_state
+from detection.config import apply_overrides, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "shapes_train=16", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",
+    "log_period=1", "workers=0", "warmup_iters=2", "batch_size=2", "num_vis=1",
+]
+
+
+def _cfg(out: Path, *extra: str) -> dict:
+    cfg = load_config(REPO / "configs" / "shapes_faster_rcnn_r18_fpn.yaml")
+    return apply_overrides(cfg, [*TINY, *extra], output_dir=str(out), device="cpu")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_setup_run_resolves_auto_device_and_records_it(tmp_path):
+    cfg = apply_overrides(load_config(), [], output_dir=str(tmp_path / "run"), device="auto")
+    run = engine.setup_run(cfg, progress=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert run.device.type == expected and run.is_main and run.world == 1
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"device: {expected}" in saved and run.requested_device == "auto"
+
+
+def test_build_data_plans_the_iterations(tmp_path, cache):
+    run = engine.setup_run(_cfg(tmp_path / "run", "epochs=3", "max_iters=10"), progress=False)
+    data = engine.build_data(run.cfg, run)
+    assert len(data.train_set) == 16 and len(data.val_set) == 4
+    # 16 images in batches of 2, plus at most (groups - 1) split batches from aspect-ratio grouping.
+    assert 8 <= data.iters_per_epoch <= 10
+    assert data.total_iters == 3 * data.iters_per_epoch and data.stop_at == 10
+    assert data.epoch_of(1) == 0 and data.epoch_of(data.iters_per_epoch) == 0 and data.epoch_of(data.iters_per_epoch + 1) == 1
+    assert data.category_mapping["names"][:2] == ["circle", "square"]
+
+
+def test_build_state_scales_lr_and_keeps_the_scaler_off_on_cpu(tmp_path, cache):
+    run = engine.setup_run(_cfg(tmp_path / "run", "lr=0.004", "lr_reference_batch=4"), progress=False)
+    data = engine.build_data(run.cfg, run)
+    state = engine.build_state(run.cfg, run, data)
+    assert state.lr == pytest.approx(0.004 * 2 / 4)
+    assert not state.scaler.is_enabled() and state.amp_dtype == torch.bfloat16 and state.iteration == 0
+    trainable = {id(p) for p in state.model.parameters() if p.requires_grad}
+    assert {id(p) for g in state.optimizer.param_groups for p in g["params"]} == trainable
+
+
+def test_train_one_epoch_advances_logs_and_checkpoints(tmp_path, cache):
+    run = engine.setup_run(_cfg(tmp_path / "run", "checkpoint_period=2", "max_iters=3"), progress=False)
+    data = engine.build_data(run.cfg, run)
+    state = engine.build_state(run.cfg, run, data)
+    metrics = engine.MetricsLog(run)
+    engine.train_one_epoch(state, data, 0, run, metrics)
+    assert state.iteration == 3  # stopped by max_iters inside the epoch
+    records = _records(run.out)
+    assert [r["iter"] for r in records] == [1, 2, 3] and all(r["epoch"] == 0 for r in records)
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in records)
+    assert read_training_state(run.out / "checkpoint.pth")["iteration"] == 2
+
+
+def test_train_state_save_and_load_round_trip(tmp_path, cache):
+    run = engine.setup_run(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
+    data = engine.build_data(run.cfg, run)
+    state = engine.build_state(run.cfg, run, data)
+    engine.train_one_epoch(state, data, 0, run, engine.MetricsLog(run))
+    state.save(tmp_path / "state.pth", epoch=0, cfg=run.cfg, category_mapping=data.category_mapping)
+    fresh = engine.build_state(run.cfg, run, data)
+    fresh.load(read_training_state(tmp_path / "state.pth"))
+    assert fresh.iteration == 2 and fresh.scheduler.last_epoch == state.scheduler.last_epoch == 2
+    for a, b in zip(state.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = state.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def _batches(out: Path) -> list[tuple[int, list[int]]]:
+    return [(r["iter"], r["image_ids"]) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
+
+
+def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, cache):
+    flags = ("epochs=2", "log_batches=true", "eval_period=0", "checkpoint_period=1")
+    straight = engine.train(_cfg(tmp_path / "straight", *flags), progress=False)
+    total = straight["iteration"]
+    # Stop a third of the way into the first epoch, then resume to the end.
+    stop = total // 6
+    engine.train(_cfg(tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
+    assert read_training_state(tmp_path / "resumed" / "checkpoint.pth")["iteration"] == stop
+    resumed = engine.train(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
+    assert resumed["iteration"] == total
+    expected, seen = _batches(tmp_path / "straight"), _batches(tmp_path / "resumed")
+    assert [i for i, _ in seen] == list(range(1, total + 1))
+    assert seen == expected
+    # Every image once per epoch: the resumed first epoch neither repeats nor drops a batch.
+    per_epoch = total // 2
+    first_epoch = [i for _, ids in seen[:per_epoch] for i in ids]
+    assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 16
+
+
+def test_epoch_is_right_in_every_record_under_max_iters(tmp_path, cache):
+    result = engine.train(_cfg(tmp_path / "run", "epochs=2", "max_iters=3"), progress=False)
+    assert result["iteration"] == 3
+    records = _records(tmp_path / "run")
+    assert records[-1]["iter"] == 3 and "bbox/AP" in records[-1]
+    assert {r["epoch"] for r in records} == {0}
+
+
+def test_model_final_is_written_before_the_final_evaluation(tmp_path, cache, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("iscrowd")
+
+    monkeypatch.setattr(engine, "evaluate", broken)
+    with pytest.raises(engine.EvaluationError, match=r"KeyError: 'iscrowd'.*model_final.pth.*tools/eval_coco.py --checkpoint"):
+        engine.train(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
+    ckpt = read_checkpoint(tmp_path / "run" / "model_final.pth")
+    assert ckpt["iteration"] == 2 and ckpt["category_mapping"]["names"][0] == "circle"
+
+
+def test_log_file_gets_the_load_report_once_and_parameter_counts(tmp_path, cache):
+    weights = tmp_path / "trunk.pth"
+    torch.save({"state_dict": resnet18(num_classes=7).state_dict()}, weights)
+    engine.train(_cfg(tmp_path / "run", "max_iters=1", f"weights_backbone={weights}"), progress=False)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count(f"tensors from {weights}") == 1
+    assert "skipped 2 (classifier with another class count)" in log
+    assert "parameters" in log and "trainable" in log
+    # No handler is left behind on the package loggers after train() returns.
+    assert not [h for h in logging.getLogger("detection").handlers if getattr(h, "_resfpn_handler", None) == "file"]
+
+
+def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
+    from backbones.weights import WeightsError
+    from detection.checkpoint import CheckpointError
+    from detection.data import DataPathError
+
+    with pytest.raises(DataPathError, match="data path .* does not exist"):
+        engine.preflight(_cfg(tmp_path / "run", f"data_path={tmp_path / 'nope'}"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not read"):
+        engine.preflight(_cfg(tmp_path / "run", f"weights_backbone={bad}"))
+    final = tmp_path / "model_final.pth"
+    torch.save({"model": {}, "build_args": {}}, final)
+    with pytest.raises(CheckpointError, match=r"not a training checkpoint.*lacks \['optimizer'"):
+        engine.preflight(_cfg(tmp_path / "run"), resume=final)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        engine.preflight(_cfg(tmp_path / "run"), resume=True)
