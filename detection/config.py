@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -19,8 +20,10 @@ import yaml
 __all__ = [
     "CONFIG_DIR",
     "DEFAULTS",
+    "DETECTION",
     "SCHEMA",
     "ConfigError",
+    "Schema",
     "apply_overrides",
     "default_recipe",
     "find_recipe",
@@ -102,21 +105,26 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _choice(*allowed: Any) -> tuple[str, Callable[[Any], bool]]:
+Check = tuple[str, Callable[[Any], bool]]  # (what the value must be, test)
+
+
+def choice(*allowed: Any) -> Check:
+    """A value from ``allowed``."""
     return f"one of {list(allowed)}", lambda v: v in allowed
 
 
-def _optional(spec: tuple[str, Callable[[Any], bool]]) -> tuple[str, Callable[[Any], bool]]:
+def optional(spec: Check) -> Check:
+    """``spec`` or null."""
     return f"{spec[0]} or null", lambda v: v is None or spec[1](v)
 
 
-_POS_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
-_NONNEG_INT = ("a non-negative integer", lambda v: _is_int(v) and v >= 0)
-_POS_NUM = ("a positive number", lambda v: _is_number(v) and v > 0)
-_NONNEG_NUM = ("a non-negative number", lambda v: _is_number(v) and v >= 0)
-_BOOL = ("true or false", lambda v: isinstance(v, bool))
-_STR = ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
-_SIZES = ("a positive integer or a non-empty list of them", lambda v: _POS_INT[1](v) or (isinstance(v, list) and bool(v) and all(_POS_INT[1](x) for x in v)))
+POS_INT = ("a positive integer", lambda v: _is_int(v) and v > 0)
+NONNEG_INT = ("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+POS_NUM = ("a positive number", lambda v: _is_number(v) and v > 0)
+NONNEG_NUM = ("a non-negative number", lambda v: _is_number(v) and v >= 0)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+STR = ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
+SIZES = ("a positive integer or a non-empty list of them", lambda v: POS_INT[1](v) or (isinstance(v, list) and bool(v) and all(POS_INT[1](x) for x in v)))
 
 
 def _arch_choices() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -127,60 +135,87 @@ def _arch_choices() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
 
 _ARCHS, _BACKBONES, _NORMS = _arch_choices()
 
-SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "model": _choice(*_ARCHS),
-    "backbone": _choice(*_BACKBONES),
-    "weights_backbone": _optional(("'imagenet', 'none' or a checkpoint path", _STR[1])),
-    "trainable_layers": _optional(("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5)),
-    "norm": _choice(None, *_NORMS),
-    "sync_bn": _BOOL,
-    "returned_layers": _optional(("a non-empty list of stages from [1, 2, 3, 4]", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and 1 <= x <= 4 for x in v))),
-    "min_size": _SIZES,
-    "max_size": _POS_INT,
+SCHEMA: dict[str, Check] = {
+    "model": choice(*_ARCHS),
+    "backbone": choice(*_BACKBONES),
+    "weights_backbone": optional(("'imagenet', 'none' or a checkpoint path", STR[1])),
+    "trainable_layers": optional(("an integer in [0, 5]", lambda v: _is_int(v) and 0 <= v <= 5)),
+    "norm": choice(None, *_NORMS),
+    "sync_bn": BOOL,
+    "returned_layers": optional(("a non-empty list of stages from [1, 2, 3, 4]", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and 1 <= x <= 4 for x in v))),
+    "min_size": SIZES,
+    "max_size": POS_INT,
     "model_kwargs": ("a mapping of option names to values", lambda v: isinstance(v, dict)),
-    "data_path": _optional(_STR),
-    "train_split": _optional(_STR),
-    "val_split": _optional(_STR),
-    "masks": _optional(_BOOL),
-    "augment": _choice("none", "hflip", "multiscale", "lsj"),
-    "aug_min_size": _optional(_SIZES),
-    "shapes_train": _POS_INT,
-    "shapes_val": _POS_INT,
+    "data_path": optional(STR),
+    "train_split": optional(STR),
+    "val_split": optional(STR),
+    "masks": optional(BOOL),
+    "augment": choice("none", "hflip", "multiscale", "lsj"),
+    "aug_min_size": optional(SIZES),
+    "shapes_train": POS_INT,
+    "shapes_val": POS_INT,
     "shapes_size": ("an integer >= 32", lambda v: _is_int(v) and v >= 32),
-    "shapes_seed": _NONNEG_INT,
-    "batch_size": _POS_INT,
-    "workers": _NONNEG_INT,
-    "epochs": _POS_INT,
-    "max_iters": _optional(_POS_INT),
-    "optimizer": _choice("sgd", "adamw"),
-    "lr": _POS_NUM,
-    "lr_reference_batch": _POS_INT,
+    "shapes_seed": NONNEG_INT,
+    "batch_size": POS_INT,
+    "workers": NONNEG_INT,
+    "epochs": POS_INT,
+    "max_iters": optional(POS_INT),
+    "optimizer": choice("sgd", "adamw"),
+    "lr": POS_NUM,
+    "lr_reference_batch": POS_INT,
     "momentum": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
-    "weight_decay": _NONNEG_NUM,
-    "scheduler": _choice("multistep", "cosine"),
-    "lr_steps": ("a list of epochs (non-negative numbers)", lambda v: isinstance(v, list) and all(_NONNEG_NUM[1](x) for x in v)),
-    "lr_gamma": _POS_NUM,
-    "warmup_iters": _NONNEG_INT,
+    "weight_decay": NONNEG_NUM,
+    "scheduler": choice("multistep", "cosine"),
+    "lr_steps": ("a list of epochs (non-negative numbers)", lambda v: isinstance(v, list) and all(NONNEG_NUM[1](x) for x in v)),
+    "lr_gamma": POS_NUM,
+    "warmup_iters": NONNEG_INT,
     "warmup_factor": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
-    "clip_grad_norm": _optional(_POS_NUM),
-    "amp": _BOOL,
-    "amp_dtype": _choice(None, "bfloat16", "float16"),
-    "channels_last": _BOOL,
-    "max_nonfinite": _POS_INT,
-    "device": _choice("auto", "cpu", "cuda"),
-    "seed": _NONNEG_INT,
-    "deterministic": _BOOL,
-    "eval_period": _NONNEG_INT,
-    "checkpoint_period": _POS_INT,
-    "log_period": _POS_INT,
-    "log_batches": _BOOL,
-    "output_dir": _STR,
-    "num_vis": _NONNEG_INT,
+    "clip_grad_norm": optional(POS_NUM),
+    "amp": BOOL,
+    "amp_dtype": choice(None, "bfloat16", "float16"),
+    "channels_last": BOOL,
+    "max_nonfinite": POS_INT,
+    "device": choice("auto", "cpu", "cuda"),
+    "seed": NONNEG_INT,
+    "deterministic": BOOL,
+    "eval_period": NONNEG_INT,
+    "checkpoint_period": POS_INT,
+    "log_period": POS_INT,
+    "log_batches": BOOL,
+    "output_dir": STR,
+    "num_vis": NONNEG_INT,
 }
-assert set(SCHEMA) == set(DEFAULTS), set(SCHEMA) ^ set(DEFAULTS)
 
-# Keys whose values are numbers: PyYAML reads "1e-3" (no dot) as a string, so accept numeric strings.
-_NUMERIC = {k for k, (what, _) in SCHEMA.items() if "number" in what}
+
+def _check_detector(cfg: dict[str, Any]) -> None:
+    from .models import check_detector_options
+
+    try:
+        check_detector_options(cfg["model"], cfg["model_kwargs"])
+    except ValueError as e:
+        raise ConfigError(f"model_kwargs: {e}") from None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A kind of recipe: every key with its default, what its value must be, and cross-key checks.
+
+    Args:
+        defaults: key -> default value.
+        checks: key -> (description, test) for every key of ``defaults``.
+        extra: checks that read several keys, raising ``ConfigError``.
+    """
+
+    defaults: dict[str, Any]
+    checks: dict[str, Check]
+    extra: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        if set(self.defaults) != set(self.checks):
+            raise ValueError(f"schema keys differ from defaults: {sorted(set(self.defaults) ^ set(self.checks))}")
+
+
+DETECTION = Schema(DEFAULTS, SCHEMA, _check_detector)
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:
@@ -188,8 +223,9 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
-def _coerce(key: str, value: Any) -> Any:
-    if key in _NUMERIC and isinstance(value, str):
+def _coerce(what: str, value: Any) -> Any:
+    # PyYAML reads "1e-3" (no dot) as a string: a numeric string is a number where one is wanted.
+    if "number" in what and isinstance(value, str):
         try:
             return float(value)
         except ValueError:
@@ -197,33 +233,31 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+def validate(cfg: dict[str, Any], *, schema: Schema = DETECTION) -> dict[str, Any]:
     """Check every key's name, type and range; return the config (numeric strings made numbers).
 
     Args:
         cfg: a merged config.
+        schema: the kind of recipe (detection by default).
 
     Raises:
         ConfigError: naming the first bad key, what it must be and what it got.
     """
-    unknown = [k for k in cfg if k not in DEFAULTS]
+    defaults = schema.defaults
+    unknown = [k for k in cfg if k not in defaults]
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}{_suggest(unknown[0], DEFAULTS)}; valid keys: {', '.join(DEFAULTS)}")
-    missing = [k for k in DEFAULTS if k not in cfg]
+        raise ConfigError(f"unknown config key {unknown[0]!r}{_suggest(unknown[0], defaults)}; valid keys: {', '.join(defaults)}")
+    missing = [k for k in defaults if k not in cfg]
     if missing:
-        raise ConfigError(f"config lacks keys {missing}; start from detection.config.DEFAULTS or load_config()")
-    if isinstance(cfg["weights_backbone"], str) and cfg["weights_backbone"].lower() == "none":
+        raise ConfigError(f"config lacks keys {missing}; start from the schema's defaults or load_config()")
+    if isinstance(cfg.get("weights_backbone"), str) and cfg["weights_backbone"].lower() == "none":
         cfg["weights_backbone"] = None
-    for key, (what, ok) in SCHEMA.items():
-        cfg[key] = _coerce(key, cfg[key])
+    for key, (what, ok) in schema.checks.items():
+        cfg[key] = _coerce(what, cfg[key])
         if not ok(cfg[key]):
             raise ConfigError(f"{key} must be {what}, got {cfg[key]!r}")
-    from .models import check_detector_options
-
-    try:
-        check_detector_options(cfg["model"], cfg["model_kwargs"])
-    except ValueError as e:
-        raise ConfigError(f"model_kwargs: {e}") from None
+    if schema.extra is not None:
+        schema.extra(cfg)
     return cfg
 
 
@@ -278,19 +312,21 @@ def list_recipes() -> list[dict[str, str]]:
     return recipes
 
 
-def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+def load_config(path: str | os.PathLike | None = None, *, schema: Schema = DETECTION) -> dict[str, Any]:
     """Read a recipe over the defaults.
 
     Args:
         path: a YAML file of ``key: value`` lines (or a recipe name from ``configs/``),
             or ``None`` for the defaults.
+        schema: the kind of recipe (detection by default).
 
     Returns:
-        A new, validated dict with every key of ``DEFAULTS``.
+        A new, validated dict with every key of the schema.
     """
-    cfg = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in DEFAULTS.items()}
+    defaults = schema.defaults
+    cfg = {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v) for k, v in defaults.items()}
     if path is None:
-        return validate(cfg)
+        return validate(cfg, schema=schema)
     path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -299,19 +335,19 @@ def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     for key in data:
-        if key not in DEFAULTS:
-            raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(key, DEFAULTS)}")
+        if key not in defaults:
+            raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(key, defaults)}")
     cfg.update(data)
     try:
-        return validate(cfg)
+        return validate(cfg, schema=schema)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _set(cfg: dict[str, Any], dotted: str, value: Any, item: str) -> None:
+def _set(cfg: dict[str, Any], dotted: str, value: Any, item: str, defaults: dict[str, Any]) -> None:
     key, _, sub = dotted.partition(".")
-    if key not in DEFAULTS:
-        raise ConfigError(f"unknown config key {key!r} in --set {item!r}{_suggest(key, DEFAULTS)}")
+    if key not in defaults:
+        raise ConfigError(f"unknown config key {key!r} in --set {item!r}{_suggest(key, defaults)}")
     if not sub:
         cfg[key] = value
         return
@@ -320,7 +356,7 @@ def _set(cfg: dict[str, Any], dotted: str, value: Any, item: str) -> None:
     cfg[key] = {**cfg[key], sub: value}
 
 
-def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags: Any) -> dict[str, Any]:
+def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), *, schema: Schema = DETECTION, **flags: Any) -> dict[str, Any]:
     """Apply command-line flags (those not ``None``), then ``key=value`` strings.
 
     Args:
@@ -328,6 +364,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags:
         overrides: ``"key=value"`` strings; values are parsed as YAML
             (``lr=0.01``, ``lr_steps=[8,11]``, ``weights_backbone=null``); a dotted key
             sets one field of a mapping (``model_kwargs.anchor_scale=4``).
+        schema: the kind of recipe (detection by default).
         **flags: keys set directly; ``None`` means "flag not given".
 
     Returns:
@@ -335,8 +372,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags:
     """
     cfg = dict(cfg)
     for key, value in flags.items():
-        if key not in DEFAULTS:
-            raise ConfigError(f"unknown config key {key!r}{_suggest(key, DEFAULTS)}")
+        if key not in schema.defaults:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, schema.defaults)}")
         if value is not None:
             cfg[key] = value
     for item in overrides:
@@ -347,8 +384,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str] = (), **flags:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse the value of --set {item!r}: {e}") from None
-        _set(cfg, key.strip(), value, item)
-    return validate(cfg)
+        _set(cfg, key.strip(), value, item, schema.defaults)
+    return validate(cfg, schema=schema)
 
 
 def resolve_device(device: str) -> str:
