@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from detection import distributed as dist_utils
+    from detection.logs import setup_logging
     from detection.config import DEFAULTS, resolve_device
     from detection.data import CocoDetection
     from detection.data.roots import evaluation_data
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from detection.predictor import EXPORTED_SUFFIXES, Predictor
 
     path = Path(args.checkpoint)
+    setup_logging()
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")

@@ -48,11 +48,13 @@ def _image_files(src: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from detection.logs import setup_logging
     from detection.config import resolve_device
     from detection.data import image_to_tensor, read_image_rgb
     from detection.predictor import Predictor
     from detection.visualize import draw_detections, save_image
 
+    setup_logging()
     try:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
