@@ -1,0 +1,591 @@
+"""Deployment files for trained detectors: TorchScript, ONNX, and int8 ONNX.
+
+An exported ONNX file is self-contained: it takes one image as float32 ``[3, H, W]``
+RGB in [0, 1] of any size, and returns ``boxes`` (``[N, 4]`` xyxy in that image's
+pixels), ``labels`` (int64 contiguous labels 1..K, as the PyTorch model gives),
+``scores`` and, for Mask R-CNN, ``masks`` (``[N, 1, H, W]`` probabilities). The
+detector's own resize and normalisation are inside the graph, with the resize factor
+computed in float64 as eager PyTorch computes it (torchvision's traced path uses
+float32, which resizes some sizes one pixel differently). The file's ``metadata_props``
+carry what a runtime needs: class names, the data set's category ids, the input
+convention, the architecture and the size it was traced at (``read_metadata``).
+
+Export uses torch's TorchScript-based exporter (``dynamo=False``): the dynamo exporter
+does not handle torchvision's detectors. Opset 16 or newer is required: its
+``RoiAlign`` states its coordinate mode (``output_half_pixel`` for torchvision's
+poolers, ``half_pixel`` for aligned ones), which older opsets leave implicit.
+
+Int8 (``quantize_onnx``) is post-training static quantisation of every convolution
+(trunk, pyramid, RPN head, mask head), calibrated on training images; the box head,
+NMS and the rest stay float32.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.onnx import operators
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXPORT_FORMATS",
+    "INT8_METHODS",
+    "MIN_OPSET",
+    "DeployedDetector",
+    "ExportError",
+    "calibration_images",
+    "check_export_args",
+    "check_opset",
+    "decode_metadata",
+    "export_detector",
+    "export_onnx",
+    "export_torchscript",
+    "load_checkpoint_for_export",
+    "quantize_onnx",
+    "read_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+MIN_OPSET = 16
+MAX_OPSET = 20
+DEFAULT_OPSET = 17
+INT8_METHODS = ("onnxruntime", "nncf")
+METADATA_VERSION = "1"
+INPUT_CONVENTION = {"name": "image", "layout": "CHW", "batch": 1, "color": "RGB", "dtype": "float32", "range": [0.0, 1.0]}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message says what to pass or install."""
+
+
+def _require(module: str, extra: str = "deploy") -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"{module} is not installed: pip install {module.split('.')[0]} (or pip install -e '.[{extra}]')") from None
+
+
+class _ExportTransform(GeneralizedRCNNTransform):
+    """torchvision's transform whose traced resize computes the new size in float64, as eager does."""
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Optional[dict[str, Tensor]]]:
+        if not torch.jit.is_tracing() or self.fixed_size is not None:
+            return super().resize(image, target)
+        if target is not None:
+            raise ExportError("export traces inference only (no targets)")
+        shape = operators.shape_as_tensor(image)[-2:]
+        short, long = shape.amin(0, keepdim=True), shape.amax(0, keepdim=True)
+        # One-element tensors, not Python scalars (the exporter does scalar arithmetic in float32). The branch
+        # is chosen in exact integers, then eager's float64 factor and floor reproduce its size exactly.
+        min_size = torch.full((1,), int(self.min_size[-1]), dtype=torch.int64)
+        max_size = torch.full((1,), int(self.max_size), dtype=torch.int64)
+        by_short = min_size * long <= max_size * short
+        scale = torch.where(by_short, min_size, max_size).to(torch.float64) / torch.where(by_short, short, long).to(torch.float64)
+        size = torch.floor(shape.to(torch.float64) * scale).to(torch.int64)
+        image = F.interpolate(image[None], size=(size[0], size[1]), mode="bilinear", align_corners=False)[0]
+        return image, target
+
+
+class DeployedDetector(nn.Module):
+    """One image in, detections out: what an exported file computes.
+
+    Args:
+        model: a torchvision detector from ``build_detector`` (eval mode).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        t = model.transform
+        transform = _ExportTransform(t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+        self.model = model
+        self.model.transform = transform
+        self.has_masks = getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        out = self.model([image])[0]
+        if self.has_masks:
+            return out["boxes"], out["labels"], out["scores"], out["masks"]
+        return out["boxes"], out["labels"], out["scores"]
+
+
+def _output_names(has_masks: bool) -> list[str]:
+    return ["boxes", "labels", "scores"] + (["masks"] if has_masks else [])
+
+
+def _export_size(model: nn.Module) -> tuple[int, int]:
+    """A landscape sample at the model's own scale (short side ``min_size``, 4:3, within ``max_size``)."""
+    t = model.transform
+    short = int(t.min_size[-1])
+    return short, min(int(t.max_size), (short * 4 + 2) // 3)
+
+
+def _max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except ImportError:  # pragma: no cover - older torch
+        return MAX_OPSET
+
+
+def check_opset(opset: int) -> int:
+    """Return ``opset`` if the exporter can write it and it carries RoIAlign's coordinate mode.
+
+    Args:
+        opset: ONNX opset version.
+    """
+    top = _max_opset()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
+        raise ExportError(
+            f"opset must be an integer in [{MIN_OPSET}, {top}], got {opset!r}: opset {MIN_OPSET} is the first whose "
+            f"RoiAlign states its coordinate mode (aligned or not), which the R-CNN poolers need; pass --opset {DEFAULT_OPSET}"
+        )
+    return opset
+
+
+def _atomic_dir(output: Path) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _publish(tmp_file: Path, output: Path) -> Path:
+    os.chmod(tmp_file, _file_mode())
+    os.replace(tmp_file, output)
+    return output
+
+
+def _category_mapping(model: nn.Module, category_mapping: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    mapping = category_mapping if category_mapping is not None else getattr(model, "category_mapping", None)
+    if mapping is None:
+        return None
+    if not isinstance(mapping, Mapping) or "cat_ids" not in mapping:
+        raise ExportError(f"category_mapping must be a dict with 'cat_ids' (and 'names'), got {mapping!r}")
+    return {"cat_ids": [int(c) for c in mapping["cat_ids"]], "names": [str(n) for n in mapping.get("names", [])]}
+
+
+def _metadata(model: nn.Module, *, has_masks: bool, opset: int, export_size: tuple[int, int], mapping: Optional[dict[str, Any]]) -> dict[str, str]:
+    import torchvision
+
+    build_args = getattr(model, "build_args", {}) or {}
+    t = model.transform
+    return {
+        "resfpn.metadata_version": METADATA_VERSION,
+        "resfpn.arch": str(build_args.get("arch", type(model).__name__)),
+        "resfpn.backbone": str(build_args.get("backbone", "")),
+        "resfpn.num_classes": str(build_args.get("num_classes", "")),
+        "resfpn.category_mapping": json.dumps(mapping),
+        "resfpn.class_names": json.dumps(mapping["names"] if mapping else None),
+        "resfpn.category_ids": json.dumps(mapping["cat_ids"] if mapping else None),
+        "resfpn.input": json.dumps(INPUT_CONVENTION),
+        "resfpn.outputs": json.dumps(_output_names(has_masks)),
+        "resfpn.labels": "contiguous 1..K; label i is class_names[i-1] and category_ids[i-1]",
+        "resfpn.resize": json.dumps({"min_size": int(t.min_size[-1]), "max_size": int(t.max_size), "size_divisible": int(t.size_divisible),
+                                     "image_mean": list(t.image_mean), "image_std": list(t.image_std)}),
+        "resfpn.export_size": json.dumps(list(export_size)),
+        "resfpn.opset": str(opset),
+        "resfpn.precision": "fp32",
+        "resfpn.build_args": json.dumps(build_args, default=str),
+        "resfpn.exporter": f"torch {torch.__version__}, torchvision {torchvision.__version__}, TorchScript-based exporter",
+    }
+
+
+def _set_metadata(proto: Any, metadata: Mapping[str, str]) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
+    """The ``resfpn.*`` metadata of an exported ONNX file, JSON values decoded.
+
+    Args:
+        path: an ``.onnx`` file written by ``export_onnx`` or ``quantize_onnx``.
+
+    Returns:
+        ``{key without the "resfpn." prefix: value}``; empty when the file has none.
+    """
+    onnx = _require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    return decode_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
+    """Decode ``resfpn.*`` metadata properties (JSON where they are JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if not key.startswith("resfpn."):
+            continue
+        try:
+            out[key[len("resfpn."):]] = json.loads(value)
+        except (ValueError, TypeError):
+            out[key[len("resfpn."):]] = value
+    return out
+
+
+def _check_roi_align(proto: Any, model: nn.Module) -> list[str]:
+    """Every exported RoiAlign must state the coordinate mode of the pooler it came from."""
+    from torchvision.ops import RoIAlign
+
+    aligned = {bool(m.aligned) for m in model.modules() if isinstance(m, RoIAlign)}
+    # torchvision's MultiScaleRoIAlign always pools with aligned=False.
+    expected = "half_pixel" if aligned == {True} else "output_half_pixel"
+    modes = []
+    for node in proto.graph.node:
+        if node.op_type == "RoiAlign":
+            attrs = {a.name: a for a in node.attribute}
+            mode = attrs["coordinate_transformation_mode"].s.decode() if "coordinate_transformation_mode" in attrs else None
+            if mode != expected:
+                raise ExportError(f"exported RoiAlign {node.name} has coordinate_transformation_mode={mode!r}, expected {expected!r}")
+            modes.append(mode)
+    return modes
+
+
+def export_onnx(
+    model: nn.Module,
+    output: "str | os.PathLike[str]",
+    *,
+    opset: int = DEFAULT_OPSET,
+    category_mapping: Optional[Mapping[str, Any]] = None,
+    export_size: Optional[tuple[int, int]] = None,
+) -> Path:
+    """Export a detector to one ONNX file (batch 1, any image size), written atomically.
+
+    Args:
+        model: a detector from ``build_detector`` / ``load_detector``; it is not modified.
+        output: destination ``.onnx`` file.
+        opset: ONNX opset, ``MIN_OPSET`` (16) or newer.
+        category_mapping: ``{"cat_ids", "names"}`` to record; default ``model.category_mapping``.
+        export_size: ``(height, width)`` of the sample traced; default the model's own
+            scale (short side ``min_size``, 4:3). The file accepts any size.
+
+    Returns:
+        The output path.
+    """
+    import copy
+    import warnings
+
+    onnx = _require("onnx")
+    check_opset(opset)
+    if not hasattr(model, "transform") or not hasattr(model, "backbone"):
+        raise ExportError(f"expected a torchvision detector from detection.build_detector, got {type(model).__name__}")
+    if hasattr(model, "optimized_for_inference"):
+        raise ExportError("export the model itself, not an optimize_for_inference copy (its autocast and wrappers do not export)")
+    output = Path(output)
+    mapping = _category_mapping(model, category_mapping)
+    deployed = DeployedDetector(copy.deepcopy(model).cpu().float().eval()).eval()
+    size = tuple(export_size) if export_size is not None else _export_size(model)
+    names = _output_names(deployed.has_masks)
+    tmp = _atomic_dir(output)
+    try:
+        raw = tmp / "raw.onnx"
+        sample = torch.rand(3, *size, generator=torch.Generator().manual_seed(0))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and legacy-exporter notices about code paths torchvision handles
+            torch.onnx.export(
+                deployed, (sample,), str(raw), dynamo=False, opset_version=opset, input_names=["image"], output_names=names,
+                dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in names}},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(raw))
+        modes = _check_roi_align(proto, model)
+        meta = _metadata(model, has_masks=deployed.has_masks, opset=opset, export_size=size, mapping=mapping)
+        meta["resfpn.roi_align"] = json.dumps(sorted(set(modes)))
+        _set_metadata(proto, meta)
+        proto.producer_name, proto.doc_string = "resfpn", f"{meta['resfpn.arch']} {meta['resfpn.backbone']}: image [3,H,W] RGB 0..1 -> boxes, labels, scores"
+        final = tmp / "model.onnx"
+        onnx.save(proto, str(final))
+        _publish(final, output)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s (opset %d, traced at %dx%d)", output, opset, *size)
+    return output
+
+
+def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, category_mapping: Optional[Mapping[str, Any]] = None) -> Path:
+    """Script a detector with ``torch.jit.script`` and save it atomically, metadata in ``resfpn.json``.
+
+    The file loads with ``torch.jit.load`` (no resfpn needed); called on a list of
+    images it returns ``(losses, detections)`` as scripted torchvision detectors do.
+
+    Args:
+        model: a detector from ``build_detector`` / ``load_detector``.
+        output: destination ``.pt`` file.
+        category_mapping: ``{"cat_ids", "names"}`` to record; default ``model.category_mapping``.
+
+    Returns:
+        The output path.
+    """
+    import copy
+    import warnings
+
+    if not hasattr(model, "transform") or not hasattr(model, "backbone"):
+        raise ExportError(f"expected a torchvision detector from detection.build_detector, got {type(model).__name__}")
+    output = Path(output)
+    mapping = _category_mapping(model, category_mapping)
+    has_masks = getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+    meta = _metadata(model, has_masks=has_masks, opset=0, export_size=_export_size(model), mapping=mapping)
+    meta.pop("resfpn.opset")
+    meta["resfpn.input"] = json.dumps(dict(INPUT_CONVENTION, layout="list of CHW", batch="any"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
+        scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
+    tmp = _atomic_dir(output)
+    try:
+        final = tmp / "model.pt"
+        torch.jit.save(scripted, str(final), _extra_files={"resfpn.json": json.dumps(meta)})
+        _publish(final, output)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def calibration_images(
+    *,
+    config: Optional[Mapping[str, Any]] = None,
+    data_path: "Optional[str | os.PathLike[str]]" = None,
+    split: Optional[str] = None,
+    count: int = 64,
+) -> list[Tensor]:
+    """Training images for int8 calibration, spread evenly over the split (deterministic).
+
+    Args:
+        config: the checkpoint's training config (``data_path``, ``train_split``,
+            ``shapes_*``); with no ``data_path`` in it, the shapes set it was trained on.
+        data_path: a COCO-layout root that overrides the config's.
+        split: the split to read (default the config's training split).
+        count: how many images (the split's size if smaller).
+
+    Returns:
+        float32 ``[3, H, W]`` images in [0, 1], at their own size.
+    """
+    from .data import CocoDetection
+    from .data.roots import prepare_data_root
+
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ExportError(f"int8 needs calibration images: calib_images must be a positive integer (e.g. 64), got {count!r}")
+    if config is None and data_path is None:
+        raise ExportError("int8 needs calibration images and the checkpoint records no training data: pass data_path (--data-path DIR)")
+    try:
+        from .config import DEFAULTS
+
+        cfg: dict[str, Any] = {**DEFAULTS, **dict(config or {})}
+    except ImportError:  # pragma: no cover - config module being restructured
+        cfg = dict(config or {})
+    if data_path is not None:
+        cfg.update(data_path=str(data_path), train_split=split, val_split=None)
+    try:
+        root, train_split, _ = prepare_data_root(cfg)
+        dataset = CocoDetection(root, split or train_split)
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"int8 needs calibration images; reading them failed: {e}. Pass --data-path DIR with a COCO-layout training split") from None
+    if len(dataset) == 0:
+        raise ExportError(f"int8 needs calibration images, but {root}/{split or train_split} has none: pass --data-path DIR")
+    n = min(count, len(dataset))
+    indices = sorted({int(i * len(dataset) / n) for i in range(n)})
+    return [dataset[i][0] for i in indices]
+
+
+class _Images:
+    """Calibration images as ONNX inputs, once through."""
+
+    def __init__(self, images: Sequence[Tensor]) -> None:
+        self.images = list(images)
+        self.next = 0
+
+    def get_next(self) -> Optional[dict[str, Any]]:
+        if self.next >= len(self.images):
+            return None
+        self.next += 1
+        return {"image": self.images[self.next - 1].float().contiguous().numpy()}
+
+    def rewind(self) -> None:
+        self.next = 0
+
+
+class _quiet_root_logger:
+    def __enter__(self) -> None:
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().setLevel(self.level)
+
+
+def _conv_nodes(proto: Any) -> list[str]:
+    return [n.name for n in proto.graph.node if n.op_type == "Conv"]
+
+
+def quantize_onnx(
+    model_path: "str | os.PathLike[str]",
+    output: "str | os.PathLike[str]",
+    images: Sequence[Tensor],
+    *,
+    method: str = "onnxruntime",
+) -> Path:
+    """Post-training static int8 quantisation of every convolution of an exported file.
+
+    Trunk, pyramid, RPN head and (Mask R-CNN) mask head convolutions become int8
+    (weights per channel, activations per tensor, QDQ format that ONNX Runtime and
+    OpenVINO both run as int8 kernels); the box head, NMS and post-processing stay
+    float32. Written atomically, with the input file's metadata plus ``precision``
+    ``int8`` and the method.
+
+    Args:
+        model_path: an fp32 file from ``export_onnx``.
+        output: destination ``.onnx`` file.
+        images: calibration images (``calibration_images``), float32 ``[3, H, W]`` in [0, 1].
+        method: ``"onnxruntime"`` (``onnxruntime.quantization.quantize_static``, min-max
+            calibration) or ``"nncf"`` (``nncf.quantize``, OpenVINO's toolkit).
+
+    Returns:
+        The output path.
+    """
+    import shutil
+
+    onnx = _require("onnx")
+    if method not in INT8_METHODS:
+        raise ExportError(f"int8 method must be one of {list(INT8_METHODS)}, got {method!r}")
+    if not images:
+        raise ExportError("int8 needs calibration images: got none (pass calib_images >= 1 and a training split with images)")
+    proto = onnx.load(str(model_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("resfpn.precision", "fp32") != "fp32":
+        raise ExportError(f"{model_path} is already {meta['resfpn.precision']}; quantize the fp32 export")
+    convs = _conv_nodes(proto)
+    output = Path(output)
+    tmp = _atomic_dir(output)
+    try:
+        quantized = tmp / "int8.onnx"
+        if method == "onnxruntime":
+            q = _require("onnxruntime.quantization")
+            with _quiet_root_logger():  # quantize_static logs pre-processing advice on the root logger
+                q.quantize_static(
+                    str(model_path), str(quantized), _Images(images), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                    per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                    calibrate_method=q.CalibrationMethod.MinMax,
+                )
+            result = onnx.load(str(quantized))
+        else:
+            nncf = _require("nncf")
+            dataset = nncf.Dataset(list(images), lambda img: {"image": img.float().contiguous().numpy()})
+            others = sorted({n.op_type for n in proto.graph.node if n.op_type != "Conv"})
+            result = nncf.quantize(proto, dataset, subset_size=len(images), ignored_scope=nncf.IgnoredScope(types=others, validate=False))
+        _set_metadata(result, {**meta, "resfpn.precision": "int8", "resfpn.int8": json.dumps(
+            {"method": method, "calibration_images": len(images), "quantized": "Conv", "convolutions": len(convs)})})
+        final = tmp / "model.onnx"
+        onnx.save(result, str(final))
+        _publish(final, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def load_checkpoint_for_export(checkpoint: "str | os.PathLike[str]") -> tuple[nn.Module, Optional[dict[str, Any]]]:
+    """Rebuild the detector of a checkpoint; return it with its training config (or ``None``).
+
+    Args:
+        checkpoint: ``model_final.pth`` / ``checkpoint.pth`` from ``tools/train_det.py``
+            or a file from ``save_detector``.
+    """
+    from backbones.weights import WeightsError
+
+    from .checkpoint import load_detector
+
+    hint = "pass --checkpoint model_final.pth written by tools/train_det.py"
+    try:
+        model = load_detector(checkpoint)
+    except WeightsError as e:  # already names the file and what is wrong with it
+        raise ExportError(f"{e} ({hint})") from None
+    except Exception as e:  # torch.load raises many types for files that are not checkpoints at all
+        raise ExportError(f"{checkpoint} is not a detector checkpoint ({type(e).__name__}: {e}); {hint}") from None
+    config = getattr(model, "train_config", None)
+    return model, dict(config) if isinstance(config, Mapping) else None
+
+
+def check_export_args(*, format: str, opset: int, int8: bool, calib_images: int, int8_method: str = "onnxruntime") -> None:
+    """Raise ``ExportError`` for arguments that cannot work, before any model is loaded."""
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    if format == "onnx":
+        check_opset(opset)
+    if int8:
+        if format != "onnx":
+            raise ExportError("int8 is an ONNX export: pass --format onnx with --int8")
+        if not isinstance(calib_images, int) or isinstance(calib_images, bool) or calib_images < 1:
+            raise ExportError(f"int8 needs calibration images: pass --calib-images N with N >= 1 (e.g. 64), got {calib_images!r}")
+        if int8_method not in INT8_METHODS:
+            raise ExportError(f"int8 method must be one of {list(INT8_METHODS)}, got {int8_method!r}")
+        _require("onnxruntime" if int8_method == "onnxruntime" else "nncf")
+    if format == "onnx":
+        _require("onnx")
+
+
+def export_detector(
+    checkpoint: "str | os.PathLike[str]",
+    output: "str | os.PathLike[str]",
+    *,
+    format: str = "onnx",
+    opset: int = DEFAULT_OPSET,
+    int8: bool = False,
+    calib_images: int = 64,
+    data_path: "Optional[str | os.PathLike[str]]" = None,
+    int8_method: str = "onnxruntime",
+    export_size: Optional[tuple[int, int]] = None,
+) -> Path:
+    """Export a training checkpoint: what ``tools/export.py`` does.
+
+    Args:
+        checkpoint: ``model_final.pth`` (or any detector checkpoint).
+        output: destination file; nothing is written there unless the export succeeds.
+        format: ``"onnx"`` or ``"torchscript"``.
+        opset: ONNX opset (>= 16).
+        int8: quantise the convolutions to int8 (ONNX only).
+        calib_images: training images to calibrate int8 on.
+        data_path: COCO-layout root for calibration (default the checkpoint's training data).
+        int8_method: ``"onnxruntime"`` or ``"nncf"`` (see ``quantize_onnx``).
+        export_size: ``(height, width)`` traced (see ``export_onnx``).
+
+    Returns:
+        The output path.
+    """
+    import shutil
+
+    check_export_args(format=format, opset=opset, int8=int8, calib_images=calib_images, int8_method=int8_method)
+    model, config = load_checkpoint_for_export(checkpoint)
+    if format == "torchscript":
+        return export_torchscript(model, output)
+    if not int8:
+        return export_onnx(model, output, opset=opset, export_size=export_size)
+    images = calibration_images(config=config, data_path=data_path, count=calib_images)
+    output = Path(output)
+    tmp = _atomic_dir(output)
+    try:
+        fp32 = export_onnx(model, tmp / "fp32.onnx", opset=opset, export_size=export_size)
+        return quantize_onnx(fp32, output, images, method=int8_method)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

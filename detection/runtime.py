@@ -1,0 +1,241 @@
+"""Run an exported detector behind the call of an eval-mode torchvision detector.
+
+``load_exported(path)`` returns an object that is called as ``model(images)`` with a
+list of float32 ``[3, H, W]`` tensors in [0, 1] and returns one dict per image with
+``boxes`` (float32 ``[N, 4]`` xyxy in that image's pixels), ``labels`` (int64
+contiguous labels 1..K), ``scores`` and, for Mask R-CNN, ``masks`` (``[N, 1, H, W]``
+probabilities), exactly as the PyTorch model does, so ``detection.evaluation.evaluate``
+and the tools take it unchanged. It reads the class names and category ids from the
+file (``category_mapping``) and says what actually ran (``runtime``, ``precision``).
+
+ONNX files run with ONNX Runtime (default) or OpenVINO; OpenVINO's CPU plugin would
+run in bf16 on CPUs with AVX-512 bf16 unless told otherwise, so the precision is
+always set explicitly (``INFERENCE_PRECISION_HINT``) and named. TorchScript files
+(``tools/export.py --format torchscript``) run with ``torch.jit.load``.
+"""
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["RUNTIMES", "ExportedDetector", "RuntimeUnavailableError", "load_exported"]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("onnxruntime", "openvino", "torchscript")
+_OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class RuntimeUnavailableError(ImportError):
+    """The runtime asked for is not installed; the message names the package."""
+
+
+def _import(module: str, package: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeUnavailableError(f"runtime {package!r} is not installed: pip install {package} (or pip install -e '.[deploy]')") from None
+
+
+class ExportedDetector:
+    """An exported detector with a PyTorch detector's inference call (CPU only).
+
+    Build it with ``load_exported``.
+
+    Args:
+        run: one image as a float32 ``[3, H, W]`` array -> the file's outputs in order.
+        output_names: names of those outputs (``boxes``, ``labels``, ``scores`` [, ``masks``]).
+        metadata: the file's ``resfpn.*`` metadata (decoded).
+        runtime: what runs it, e.g. ``"onnxruntime"``.
+        precision: what precision actually runs, e.g. ``"fp32"``, ``"int8"``, ``"bf16"``.
+        path: the file.
+
+    Attributes:
+        category_mapping: ``{"cat_ids": [...], "names": [...]}`` from the file, or ``None``.
+        has_masks: whether it predicts masks (Mask R-CNN).
+        runtime: ``"<runtime> <precision>"``, e.g. ``"openvino int8"``.
+        precision: the precision part alone.
+        metadata: everything the file records (``detection.export.read_metadata``).
+    """
+
+    def __init__(
+        self, run: Callable[[np.ndarray], Sequence[np.ndarray]], output_names: Sequence[str], *,
+        metadata: Mapping[str, Any], runtime: str, precision: str, path: "str | os.PathLike[str]",
+    ) -> None:
+        self._run = run
+        self.output_names = list(output_names)
+        self.metadata = dict(metadata)
+        self.category_mapping: Optional[dict[str, Any]] = self.metadata.get("category_mapping")
+        self.has_masks = "masks" in self.output_names
+        self.precision = precision
+        self.runtime = f"{runtime} {precision}"
+        self.path = Path(path)
+        self.training = False
+
+    def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        if isinstance(images, Tensor):
+            raise TypeError(f"expected a list of [3, H, W] image tensors, got one tensor of shape {tuple(images.shape)}")
+        results = []
+        for image in images:
+            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+                raise ValueError(f"expected float32 [3, H, W] RGB images in [0, 1], got {shape}")
+            if image.device.type != "cpu":
+                raise ValueError(f"exported detectors run on the CPU; got an image on {image.device}")
+            array = image.detach().to(torch.float32).contiguous().numpy()
+            outputs = self._run(array)
+            result = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)}
+            result["labels"] = result["labels"].to(torch.int64)
+            results.append(result)
+        return results
+
+    forward = __call__
+
+    def eval(self) -> "ExportedDetector":
+        """No-op (exported files are inference-only); returns self."""
+        return self
+
+    def train(self, mode: bool = True) -> "ExportedDetector":
+        """``train(False)`` is a no-op; an exported file cannot be trained."""
+        if mode:
+            raise ValueError(f"{self.path} is an exported inference file; train the PyTorch checkpoint instead")
+        return self
+
+    def to(self, device: "str | torch.device" = "cpu", *args: Any, **kwargs: Any) -> "ExportedDetector":
+        """CPU only: returns self for ``"cpu"``, raises for any other device."""
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{self.runtime} runs on the CPU; got device {str(device)!r} (use the PyTorch checkpoint on GPUs)")
+        return self
+
+    def __repr__(self) -> str:
+        return f"ExportedDetector({str(self.path)!r}, runtime={self.runtime!r}, arch={self.metadata.get('arch')!r})"
+
+
+def _onnx_metadata(path: Path, props: Mapping[str, str]) -> dict[str, Any]:
+    from .export import decode_metadata
+
+    meta = decode_metadata(props)
+    if "outputs" not in meta:
+        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.* metadata): export one with tools/export.py")
+    return meta
+
+
+def _load_onnxruntime(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+    ort = _import("onnxruntime", "onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta = _onnx_metadata(path, session.get_modelmeta().custom_metadata_map)
+    stored = meta.get("precision", "fp32")
+    if precision not in (None, stored):
+        raise ValueError(f"onnxruntime runs {path} as written ({stored}); precision={precision!r} is for runtime='openvino' (fp32 or bf16)")
+    names = [o.name for o in session.get_outputs()]
+    return ExportedDetector(lambda x: session.run(None, {"image": x}), names, metadata=meta, runtime="onnxruntime", precision=stored, path=path)
+
+
+def _load_openvino(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+    ov = _import("openvino", "openvino")
+    from .export import read_metadata
+
+    meta = read_metadata(path)
+    if "outputs" not in meta:
+        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.* metadata): export one with tools/export.py")
+    precision = precision or "fp32"
+    if precision not in _OPENVINO_PRECISIONS:
+        raise ValueError(f"openvino precision must be one of {list(_OPENVINO_PRECISIONS)}, got {precision!r}")
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if num_threads is not None:
+        config["INFERENCE_NUM_THREADS"] = int(num_threads)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    request = compiled.create_infer_request()
+    names = [o.get_any_name() for o in compiled.outputs]
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        result = request.infer({"image": x})
+        return [np.array(result[o]) for o in compiled.outputs]
+
+    stored = meta.get("precision", "fp32")
+    label = "int8" if stored == "int8" and precision == "fp32" else (f"int8+{precision}" if stored == "int8" else precision)
+    return ExportedDetector(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
+
+
+def _load_torchscript(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+    if precision not in (None, "fp32"):
+        raise ValueError(f"torchscript files run in fp32; got precision={precision!r}")
+    if num_threads is not None:
+        log.info("num_threads is process-wide for TorchScript; leaving torch's setting (%d)", torch.get_num_threads())
+    extra = {"resfpn.json": ""}
+    scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra["resfpn.json"]:
+        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.json): export one with tools/export.py --format torchscript")
+    from .export import decode_metadata
+
+    meta = decode_metadata(json.loads(extra["resfpn.json"]))
+    scripted.eval()
+    names = list(meta["outputs"])
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            _, detections = scripted([torch.from_numpy(x)])
+        return [detections[0][n].numpy() for n in names]
+
+    return ExportedDetector(run, names, metadata=meta, runtime="torchscript", precision="fp32", path=path)
+
+
+def load_exported(
+    path: "str | os.PathLike[str]",
+    *,
+    runtime: str = "onnxruntime",
+    precision: Optional[str] = None,
+    num_threads: Optional[int] = None,
+) -> ExportedDetector:
+    """Load an exported detector behind a PyTorch detector's call.
+
+    Args:
+        path: an ``.onnx`` file from ``tools/export.py`` (fp32 or int8), or a ``.pt``
+            TorchScript file (then ``runtime`` is ``"torchscript"``, chosen by itself).
+        runtime: ``"onnxruntime"`` (default) or ``"openvino"`` for ONNX files.
+        precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not
+            int8. ONNX Runtime runs the file as written (fp32, or int8 convolutions).
+        num_threads: intra-op threads (default: the runtime's own choice, all cores).
+
+    Returns:
+        An ``ExportedDetector``: ``model(images) -> list of dicts``, with
+        ``category_mapping``, ``has_masks``, ``runtime`` and ``precision``.
+    """
+    path = Path(path)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {path} not found (write one with tools/export.py)")
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    is_torchscript = path.suffix in (".pt", ".pth", ".ts")
+    if is_torchscript or runtime == "torchscript":
+        if not is_torchscript:
+            raise ValueError(f"runtime 'torchscript' takes a .pt file from tools/export.py --format torchscript, got {path}")
+        return _load_torchscript(path, precision, num_threads)
+    try:
+        if runtime == "openvino":
+            return _load_openvino(path, precision, num_threads)
+        return _load_onnxruntime(path, precision, num_threads)
+    except (RuntimeUnavailableError, ValueError):
+        raise
+    except Exception as e:  # the runtimes raise their own types for unreadable files
+        if "protobuf" in str(e).lower() or "parse" in str(e).lower() or "invalid" in str(e).lower():
+            raise ValueError(f"{path} is not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise
