@@ -22,8 +22,8 @@ from .data.coco import image_to_tensor, read_image_rgb
 
 __all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_model"]
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
-EXPORTED_SUFFIXES = (".onnx", ".xml")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
+EXPORTED_SUFFIXES = (".onnx", ".xml")  # run by ONNX Runtime unless told otherwise; TorchScript files need runtime="torchscript"
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
 
@@ -98,12 +98,14 @@ def load_model(
         runtime = "torch"
     else:
         path = Path(source)
-        exported = path.suffix.lower() in EXPORTED_SUFFIXES
-        runtime = runtime or ("onnxruntime" if exported else "torch")
+        onnx = path.suffix.lower() in EXPORTED_SUFFIXES
+        runtime = runtime or ("onnxruntime" if onnx else "torch")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        if exported != (runtime != "torch"):
-            want = f"an exported file ({', '.join(EXPORTED_SUFFIXES)})" if runtime != "torch" else "a PyTorch checkpoint (.pth)"
+        exported = runtime != "torch"
+        if onnx != (runtime in ("onnxruntime", "openvino")) and not (runtime == "torchscript" and not onnx):
+            want = {"torch": "a PyTorch checkpoint (.pth)", "torchscript": "a TorchScript file (.pt) from tools/export.py"}.get(
+                runtime, f"an exported file ({', '.join(EXPORTED_SUFFIXES)})")
             raise ValueError(f"runtime {runtime!r} runs {want}, got {path}; export with tools/export.py, or pick --runtime to match")
         if exported:
             if not path.is_file():
@@ -176,9 +178,9 @@ class Predictor:
     ) -> None:
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
-        exported = not isinstance(model, nn.Module) and Path(model).suffix.lower() in EXPORTED_SUFFIXES
+        exported = not isinstance(model, nn.Module) and (Path(model).suffix.lower() in EXPORTED_SUFFIXES or runtime not in (None, "torch"))
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() and not exported and runtime in (None, "torch") else "cpu"
+            device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
         self.device = torch.device(device)
         self.model = load_model(model, runtime=runtime, device=self.device, fast=fast, dtype=dtype)
         self.score_thresh = score_thresh
