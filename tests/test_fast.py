@@ -98,6 +98,31 @@ def test_bf16_fast_path_keeps_the_confident_detections(overfit):
     assert matched == considered
 
 
+@pytest.mark.parametrize("autocast_pyramid", [False])
+def test_other_pyramid_precisions_keep_the_confident_detections(overfit, autocast_pyramid):
+    model, images = overfit
+    fast = optimize_for_inference(model, dtype=torch.bfloat16, autocast_pyramid=autocast_pyramid)
+    with torch.no_grad():
+        ref, out = model(images), fast(images)
+    counts = [match_detections(a, b, score_thresh=0.5, iou_thresh=0.95) for a, b in zip(ref, out)]
+    assert sum(c for _, c in counts) >= 2 and all(m == c for m, c in counts)
+
+
+def test_default_runs_the_pyramid_output_convolutions_in_bf16(detector):
+    fast = optimize_for_inference(detector, dtype=torch.bfloat16)
+    assert fast.backbone.autocast_pyramid == "outputs"
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, out.dtype)))
+             for name, m in fast.backbone.inner.fpn.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        fast([torch.rand(3, 96, 128)])
+    for h in hooks:
+        h.remove()
+    assert seen and all((dtype == torch.bfloat16) == name.startswith("layer_blocks") for name, dtype in seen)
+    with pytest.raises(ValueError, match="autocast_pyramid must be one of"):
+        optimize_for_inference(detector, dtype=torch.bfloat16, autocast_pyramid="some")
+
+
 def test_fp32_fast_path_on_trained_model(overfit):
     model, images = overfit
     with torch.no_grad():
