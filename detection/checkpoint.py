@@ -13,6 +13,19 @@ atomically (a kill at any moment leaves the previous file or the new one):
 
 A detector file is also what ``load_detector`` takes, and a training state is a
 detector file too, so either rebuilds the model.
+
+Classification (``tools/train_cls.py``) writes two more kinds, whose ``model`` is a
+plain torchvision-named ResNet state dict, so ``backbones.load_pretrained`` and
+``--weights-backbone PATH`` take them as they are (``fc`` is skipped when the class
+counts differ):
+
+* a **classifier** file (``model_final.pth``, ``model_ema.pth``, ``save_classifier``):
+  ``model``, ``arch`` (``resnet18`` / ``resnet34``), ``classes`` (names in label
+  order), and optionally ``config`` and ``iteration``;
+* a **classifier training state** (``checkpoint.pth``,
+  ``save_classifier_training_state``): the classifier keys plus ``optimizer``,
+  ``scheduler``, ``scaler``, ``model_ema`` (empty without EMA), ``epoch`` and
+  ``iteration``.
 """
 
 from __future__ import annotations
@@ -28,17 +41,23 @@ from torch import nn
 
 from backbones.weights import WeightsError, read_checkpoint
 
-from .models import rebuild_detector
+from .models import BACKBONES, rebuild_detector
 
 __all__ = [
+    "CLASSIFIER_KEYS",
+    "CLASSIFIER_TRAINING_KEYS",
     "DETECTOR_KEYS",
     "FORMAT_VERSION",
     "TRAINING_KEYS",
     "CheckpointError",
     "atomic_save",
+    "load_classifier",
     "load_detector",
     "read_checkpoint",
+    "read_classifier_training_state",
     "read_training_state",
+    "save_classifier",
+    "save_classifier_training_state",
     "save_detector",
     "save_training_state",
 ]
@@ -47,6 +66,8 @@ FORMAT_VERSION = 1
 DETECTOR_KEYS = ("model", "build_args")
 OPTIONAL_KEYS = ("category_mapping", "config", "iteration", "format_version")
 TRAINING_KEYS = DETECTOR_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config", "category_mapping")
+CLASSIFIER_KEYS = ("model", "arch", "classes")
+CLASSIFIER_TRAINING_KEYS = CLASSIFIER_KEYS + ("optimizer", "scheduler", "scaler", "model_ema", "epoch", "iteration", "config")
 
 
 class CheckpointError(WeightsError):
@@ -215,3 +236,127 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """
     ckpt = read_checkpoint(path)
     return dict(_check_keys(ckpt, TRAINING_KEYS, "training checkpoint (checkpoint.pth from tools/train_det.py)", path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifiers (tools/train_cls.py)
+
+
+def _classifier_record(model: nn.Module, arch: str, classes: list[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+    if arch not in BACKBONES:
+        raise ValueError(f"arch must be one of {list(BACKBONES)}, got {arch!r}")
+    state = {k: v.detach().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    return {"model": state, "arch": arch, "classes": list(classes), "format_version": FORMAT_VERSION, **extra}
+
+
+def save_classifier(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    classes: list[str],
+    config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+) -> Path:
+    """Write a classifier file atomically; ``load_pretrained`` and ``--weights-backbone`` read it as it is.
+
+    Args:
+        model: a ``backbones.ResNet`` (possibly wrapped in DDP).
+        path: destination file.
+        arch: ``"resnet18"`` or ``"resnet34"``.
+        classes: class names in label order (``len(classes)`` outputs of ``fc``).
+        config: the training config, for the record.
+        iteration: iterations trained.
+
+    Returns:
+        The destination path.
+    """
+    extra = {k: v for k, v in {"config": None if config is None else dict(config), "iteration": iteration}.items() if v is not None}
+    return atomic_save(_classifier_record(model, arch, classes, extra), path)
+
+
+def load_classifier(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a ResNet classifier from a classifier file or training state.
+
+    Args:
+        checkpoint: ``model_final.pth``, ``model_ema.pth`` or ``checkpoint.pth`` from
+            ``tools/train_cls.py``, or such a dict already loaded.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode, with ``model.classes`` (names in label order),
+        ``model.arch`` and ``model.train_config`` (the training config, or ``None``).
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a classifier checkpoint.
+    """
+    from backbones.resnet import resnet
+
+    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    ckpt = _check_keys(ckpt, CLASSIFIER_KEYS, "classifier checkpoint (from save_classifier or tools/train_cls.py)", checkpoint)
+    if ckpt["arch"] not in BACKBONES:
+        raise CheckpointError(f"{checkpoint}: arch must be one of {list(BACKBONES)}, got {ckpt['arch']!r}")
+    model = resnet(BACKBONES[ckpt["arch"]], num_classes=len(ckpt["classes"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint} does not rebuild a {ckpt['arch']} with {len(ckpt['classes'])} classes: {e}") from None
+    model.classes = list(ckpt["classes"])
+    model.arch = ckpt["arch"]
+    model.train_config = ckpt.get("config")
+    return model.to(device).eval()
+
+
+def save_classifier_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    arch: str,
+    classes: list[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    model_ema: nn.Module | None,
+    epoch: int,
+    iteration: int,
+    config: Mapping[str, Any],
+) -> Path:
+    """Write everything an iteration-exact classification resume needs, atomically.
+
+    Args:
+        path: destination (``checkpoint.pth``).
+        model: the classifier (possibly DDP-wrapped).
+        arch: ``"resnet18"`` or ``"resnet34"``.
+        classes: class names in label order.
+        optimizer: its optimizer.
+        scheduler: the per-iteration LR scheduler.
+        scaler: the ``GradScaler`` (its state is empty when disabled).
+        model_ema: the ``AveragedModel`` of the weights, or ``None``.
+        epoch: epochs completed.
+        iteration: iterations completed.
+        config: the run's config.
+
+    Returns:
+        The destination path.
+    """
+    state = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "model_ema": model_ema.state_dict() if model_ema is not None else {},
+        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config),
+    }
+    return atomic_save(_classifier_record(model, arch, classes, state), path)
+
+
+def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a classification ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+
+    Args:
+        path: the training state file.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a classifier training state.
+    """
+    ckpt = read_checkpoint(path)
+    return dict(_check_keys(ckpt, CLASSIFIER_TRAINING_KEYS, "classifier training checkpoint (checkpoint.pth from tools/train_cls.py)", path))

@@ -44,6 +44,7 @@ __all__ = [
     "Run",
     "TrainData",
     "TrainState",
+    "build_amp",
     "build_data",
     "build_optimizer",
     "build_scheduler",
@@ -256,15 +257,40 @@ def build_data(cfg: dict[str, Any], run: Run) -> TrainData:
 # State: model, DDP, optimizer, scheduler, scaler
 
 
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def _param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None, bias_weight_decay: float | None) -> list[dict[str, Any]]:
+    """Trainable parameters split by weight decay, as torchvision's ``set_weight_decay`` does."""
+    decays: dict[float, list[nn.Parameter]] = defaultdict(list)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            wd = weight_decay
+            if norm_weight_decay is not None and isinstance(module, _NORM_TYPES):
+                wd = norm_weight_decay
+            elif bias_weight_decay is not None and name == "bias":
+                wd = bias_weight_decay
+            decays[wd].append(p)
+    return [{"params": params, "weight_decay": wd} for wd, params in decays.items()]
+
+
 def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over the trainable parameters.
 
     Args:
         model: the model.
-        cfg: config with ``optimizer``, ``momentum``, ``weight_decay``.
+        cfg: config with ``optimizer``, ``momentum``, ``weight_decay``; optionally
+            ``norm_weight_decay`` / ``bias_weight_decay`` (``None`` or absent: ``weight_decay``),
+            the decay of normalisation-layer parameters and of biases (0 in modern recipes).
         lr: the already batch-scaled learning rate.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    norm_wd, bias_wd = cfg.get("norm_weight_decay"), cfg.get("bias_weight_decay")
+    if norm_wd is None and bias_wd is None:
+        params: Any = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = _param_groups(model, float(cfg["weight_decay"]), norm_wd, bias_wd)
     if cfg["optimizer"] == "sgd":
         cls: Any = torch.optim.SGD
         kwargs: dict[str, Any] = {"momentum": cfg["momentum"], "weight_decay": cfg["weight_decay"]}
@@ -371,12 +397,23 @@ def build_state(cfg: dict[str, Any], run: Run, data: TrainData) -> TrainState:
     lr = cfg["lr"] * cfg["batch_size"] * run.world / cfg["lr_reference_batch"]
     optimizer = build_optimizer(model, cfg, lr)
     scheduler = build_scheduler(optimizer, cfg, data.iters_per_epoch, data.total_iters)
+    amp_dtype, scaler = build_amp(cfg, run.device)
+    return TrainState(model, train_model, optimizer, scheduler, scaler, bool(cfg["amp"]), amp_dtype, lr)
+
+
+def build_amp(cfg: dict[str, Any], device: torch.device) -> tuple[torch.dtype, torch.amp.GradScaler]:
+    """The autocast dtype and the gradient scaler for ``cfg["amp"]`` / ``cfg["amp_dtype"]`` on ``device``.
+
+    Args:
+        cfg: config with ``amp`` and ``amp_dtype`` (``None``: float16 on CUDA, bfloat16 on CPU).
+        device: the training device.
+    """
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg["amp_dtype"] or "")
     if amp_dtype is None:
-        amp_dtype = torch.float16 if run.device.type == "cuda" else torch.bfloat16
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not.
-    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg["amp"]) and run.device.type == "cuda" and amp_dtype == torch.float16)
-    return TrainState(model, train_model, optimizer, scheduler, scaler, bool(cfg["amp"]), amp_dtype, lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg["amp"]) and device.type == "cuda" and amp_dtype == torch.float16)
+    return amp_dtype, scaler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,14 +436,16 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run.out / "tensorboard"))
 
     def write(self, record: dict[str, Any], *, prefix: str = "") -> None:
-        """Append ``record`` (which has ``iter``) and mirror its numbers to TensorBoard."""
+        """Append ``record`` (which has ``iter``) with a ``wall_time`` stamp, and mirror its numbers to TensorBoard."""
         if not self.enabled:
             return
+        # Unix time of the record, so runs can be compared on a clock (e.g. at equal training time).
+        record = {**record, "wall_time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "iter":
+                if isinstance(v, (int, float)) and k not in ("iter", "wall_time"):
                     self.writer.add_scalar(f"{prefix}{k}", v, record["iter"])
 
     def close(self) -> None:

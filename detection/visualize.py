@@ -117,13 +117,22 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
-def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+def plot_curves(
+    metrics_jsonl: str | os.PathLike,
+    out_png: str | os.PathLike,
+    *,
+    eval_suffixes: tuple[str, ...] = ("/AP", "/AP50"),
+    eval_title: str = "validation AP (%)",
+) -> Path:
     """Plot training loss and evaluation AP against iteration from ``metrics.jsonl``.
 
     Args:
         metrics_jsonl: the run's metrics file (one JSON object per line; training
             windows carry ``loss``, evaluations carry ``bbox/AP``).
         out_png: where to write the figure.
+        eval_suffixes: evaluation keys ending so are plotted on the right
+            (classification: ``("/top1",)``).
+        eval_title: title of the right panel.
 
     Returns:
         The PNG path.
@@ -140,7 +149,7 @@ def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) ->
         rec = json.loads(line)
         if "loss" in rec:
             train.append(rec)
-        if any(k.endswith("/AP") for k in rec):
+        if any(k.endswith(eval_suffixes) for k in rec):
             evals.append(rec)
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
@@ -153,13 +162,13 @@ def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) ->
         ax_loss.legend(fontsize=7)
     ax_loss.set_xlabel("iteration")
     ax_loss.set_title("training loss")
-    for key in sorted({k for r in evals for k in r if k.endswith(("/AP", "/AP50"))}):
+    for key in sorted({k for r in evals for k in r if k.endswith(eval_suffixes)}):
         values = [r.get(key) for r in evals]
         ax_ap.plot([r["iter"] for r in evals], [v if v is not None else float("nan") for v in values], marker="o", label=key)
     if evals:
         ax_ap.legend(fontsize=8)
     ax_ap.set_xlabel("iteration")
-    ax_ap.set_title("validation AP (%)")
+    ax_ap.set_title(eval_title)
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
