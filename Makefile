@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench check-gpu clean
+.PHONY: install train train-mask test bench check-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 # The CPU demo: Faster R-CNN R18-FPN from scratch on the built-in shapes data (configs/shapes_faster_rcnn_r18_fpn.yaml).
 train: $(STAMP)
 	$(PY) tools/train_det.py --backbone resnet18
+
+# The Mask R-CNN CPU demo: R18-FPN from scratch on the shapes data, bbox and segm AP (configs/shapes_mask_rcnn_r18_fpn.yaml).
+train-mask: $(STAMP)
+	$(PY) tools/train_det.py --model mask_rcnn
 
 bench: $(STAMP)
 	$(PY) tools/benchmark.py
