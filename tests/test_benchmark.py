@@ -31,6 +31,17 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         assert r["images_per_s"] > 0 and r["seconds"] > 0 and r["ratio"] > 0
         if r["candidate"] in ("torchvision", "pycocotools"):
             assert r["ratio"] == 1.0
-    assert all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in rows if r["group"] == "detector inference")
+    detector_rows = [r for r in rows if r["group"] == "detector inference"]
+    assert all(r["peak_mb"] is not None and r["peak_mb"] >= 0 for r in detector_rows)
+    # Every detector does the same work, whatever its weights, depth or runtime.
+    assert {r["detections"] for r in detector_rows} == {100}
+    exported = {r["candidate"] for r in detector_rows if r["case"].startswith("faster_rcnn R18")}
+    assert {"onnxruntime fp32", "onnxruntime int8"} <= exported
+    try:
+        import openvino  # noqa: F401
+
+        assert {"openvino fp32", "openvino bf16", "openvino int8"} <= exported
+    except ImportError:
+        pass
     assert (tmp_path / "benchmark.png").stat().st_size > 0
     assert "ratio" in proc.stdout

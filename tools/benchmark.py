@@ -1,15 +1,26 @@
 """Speed and memory of our models beside torchvision's own, measured in one run.
 
-    python tools/benchmark.py                    # full CPU run (several minutes)
-    python tools/benchmark.py --quick            # about a minute
+    python tools/benchmark.py                    # full CPU run (about 30 minutes)
+    python tools/benchmark.py --quick            # small sizes, a few minutes
+    python tools/benchmark.py --only detector    # detectors only: eager, fast path, ONNX Runtime, OpenVINO, int8
     python tools/benchmark.py --device cuda
 
-Method: every candidate is warmed up, then timed ``--reps`` times with the candidates
-of a row interleaved (so drift of the machine hits all of them alike); the median is
-reported, with the ratio to the reference of its row. CUDA timings are synchronised.
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the growth of a
-forked child's peak RSS over one forward (activations and workspace on top of the
-weights, measured with one thread). Writes ``benchmark.json`` and ``benchmark.png`` to ``--output-dir``.
+Method. Trunk + pyramid, training and COCO-evaluation rows: every candidate is warmed
+up, then timed ``--reps`` times with the candidates of a row interleaved (so drift of
+the machine hits all of them alike); the median is reported, with the ratio to the
+reference of its row. Detector inference rows on the CPU: each candidate runs in a
+process of its own (so one candidate's memory and thread pools do not slow another),
+with the same number of threads, and reports the median of ``--reps`` forwards after
+``--warmup``; every detector does the same work (``fix_detector_work``: 1000
+proposals, 100 detections and masks, whatever the weights), so rows of different
+depths compare. The exported rows run the file ``detection.export`` writes for the
+row's own model (fp32, and int8 by ONNX Runtime's static quantizer) through
+``detection.runtime.load_exported``, each labelled with the precision that ran.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
+report the timing process's peak RSS during its first forward over its RSS before it
+(activations and workspace on top of the weights; Linux ``clear_refs``), the other
+rows the growth of a forked single-threaded child's peak RSS. CUDA timings are synchronised. Writes ``benchmark.json`` and
+``benchmark.png`` to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -110,6 +121,7 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
         low = torch.bfloat16 if device.type == "cpu" else torch.float16
         fast_low = optimize_for_inference(detector_like, dtype=low).backbone
         fast_low_all = optimize_for_inference(detector_like, dtype=low, autocast_pyramid=True).backbone
+        fast_low_trunk = optimize_for_inference(detector_like, dtype=low, autocast_pyramid=False).backbone
         for n, h, w in shapes:
             x = torch.rand(n, 3, h, w, device=device)
             fns = {
@@ -118,6 +130,7 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
                 "ours fast fp32": lambda m=fast_fp32: m(x),
                 f"ours fast {str(low).split('.')[-1]}": lambda m=fast_low: m(x),
                 f"ours fast {str(low).split('.')[-1]} + pyramid": lambda m=fast_low_all: m(x),
+                f"ours fast {str(low).split('.')[-1]}, fp32 pyramid": lambda m=fast_low_trunk: m(x),
             }
             with torch.no_grad():
                 t = time_interleaved(fns, args.reps, args.warmup, device)
@@ -126,41 +139,221 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
                              "images_per_s": n / sec, "seconds": sec, "ratio": t["torchvision"] / sec})
 
 
-def _detector_pairs(arch: str, depth: int, size: tuple[int, int]) -> dict[str, nn.Module]:
+def fix_detector_work(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Make a random-weight R-CNN do a fixed amount of work on any image, whatever its trunk.
+
+    Random heads make post-processing depend on the weights (how many proposals survive
+    NMS, how many boxes are small or above the score threshold), so detectors of
+    different depths would do different work. Here every forward keeps exactly
+    ``post_nms_top_n`` proposals (RPN NMS at IoU 1.0 suppresses nothing), scores every
+    proposal about 0.97 for class 1 and below 0.001 for the others (a box predictor with
+    class-1 bias and regression deltas of zero), and keeps ``detections_per_img`` of them
+    (box NMS at 1.0): 1000 RoIs through the box head and 100 detections (and masks) for
+    every candidate and every depth, with a 1,000-box NMS rather than a 90,000-box one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    predictor = model.roi_heads.box_predictor
+    with torch.no_grad():
+        predictor.cls_score.weight.zero_()
+        predictor.cls_score.weight[1].copy_(torch.randn(predictor.cls_score.weight.shape[1], generator=g) * 1e-3)
+        predictor.cls_score.bias.zero_()
+        predictor.cls_score.bias[1] = 8.0
+        predictor.bbox_pred.weight.zero_()
+        predictor.bbox_pred.bias.zero_()
+    set_fixed_thresholds(model)
+    return model
+
+
+def set_fixed_thresholds(model: nn.Module) -> nn.Module:
+    """The thresholds of ``fix_detector_work`` (attributes, not weights: set them on every copy)."""
+    model.rpn.nms_thresh = 1.0
+    model.roi_heads.nms_thresh = 1.0
+    model.roi_heads.score_thresh = 0.05
+    return model
+
+
+def _detector_pairs(arch: str, depth: int, size: tuple[int, int], *, fixed_work: bool = True) -> dict[str, nn.Module]:
     min_size, max_size = size
     torch.manual_seed(0)
     ours = build_detector(arch, backbone=f"resnet{depth}", num_classes=91, min_size=min_size, max_size=max_size).eval()
     _randomise_bn(ours)
+    if fixed_work:
+        fix_detector_work(ours)
     cls = FasterRCNN if arch == "faster_rcnn" else MaskRCNN
     tv = cls(_tv_backbone(depth), 91, min_size=min_size, max_size=max_size).eval()
     tv.load_state_dict(ours.state_dict())
-    # Random heads score every box near 1/91: lower the threshold so NMS and the mask head do real work.
-    for m in (ours, tv):
-        m.roi_heads.score_thresh = 0.0
+    if fixed_work:
+        set_fixed_thresholds(tv)
     return {"torchvision": tv, "ours": ours}
 
 
+def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any]:
+    """Build one candidate of a detector row from its description (in the timing process)."""
+    arch, depth, size = spec["arch"], spec["depth"], tuple(spec["size"])
+    kind = spec["kind"]
+    if kind == "exported":
+        from detection.runtime import load_exported
+
+        return load_exported(spec["path"], runtime=spec["runtime"], precision=spec.get("precision"), num_threads=spec["threads"])
+    if kind == "r50":
+        torch.manual_seed(0)
+        r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size[0], max_size=size[1]).eval()
+        return fix_detector_work(r50)
+    models = _detector_pairs(arch, depth, size)
+    if kind in models:
+        return models[kind]
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
+    return optimize_for_inference(models["ours"], dtype=dtype, autocast_pyramid=spec.get("autocast_pyramid", "outputs"))
+
+
+def _time_candidate(spec: dict[str, Any], queue: Any) -> None:
+    """Timing process: build, warm up, time ``reps`` forwards, report median seconds and peak RSS growth."""
+    try:
+        torch.set_num_threads(spec["threads"])
+        model = _build_candidate(spec)
+        image = [torch.rand(3, spec["image"][0], spec["image"][1], generator=torch.Generator().manual_seed(0))]
+        before = _reset_peak_rss()
+        times = []
+        with torch.no_grad():
+            out = model(image)
+            peak = _peak_rss_mb() - before
+            for _ in range(spec["warmup"]):
+                model(image)
+            for _ in range(spec["reps"]):
+                t = time.perf_counter()
+                model(image)
+                times.append(time.perf_counter() - t)
+        queue.put({"seconds": statistics.median(times), "peak_mb": peak, "detections": int(len(out[0]["boxes"]))})
+    except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return the RSS in MiB."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float:
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_in_own_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``_time_candidate`` in a fresh process, so no candidate's memory slows another."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_time_candidate, args=(spec, queue))
+    proc.start()
+    try:
+        result = queue.get(timeout=1800)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    return result
+
+
+def _exported_candidates(arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    """Export the row's "ours" model (fp32 and int8) and describe each runtime/precision to time."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from detection.export import export_onnx, quantize_onnx
+    except ImportError:
+        print("onnx/onnxruntime not installed: no exported rows (pip install -e '.[deploy]')")
+        return {}
+    model = _detector_pairs(arch, depth, size)["ours"]
+    fp32 = out_dir / f"{arch}_r{depth}_{size[0]}.onnx"
+    int8 = out_dir / f"{arch}_r{depth}_{size[0]}_int8.onnx"
+    export_onnx(model, fp32)
+    # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
+    g = torch.Generator().manual_seed(0)
+    side = min(size[0], 320)
+    quantize_onnx(fp32, int8, [torch.rand(3, side, side * 3 // 2, generator=g) for _ in range(2)])
+    specs = {"onnxruntime fp32": {"path": str(fp32), "runtime": "onnxruntime"},
+             "onnxruntime int8": {"path": str(int8), "runtime": "onnxruntime"}}
+    try:
+        import openvino  # noqa: F401
+
+        specs.update({
+            "openvino fp32": {"path": str(fp32), "runtime": "openvino", "precision": "fp32"},
+            "openvino bf16": {"path": str(fp32), "runtime": "openvino", "precision": "bf16"},
+            "openvino int8": {"path": str(int8), "runtime": "openvino", "precision": "fp32"},
+        })
+    except ImportError:
+        print("openvino not installed: no OpenVINO rows")
+    return {name: {"kind": "exported", **spec} for name, spec in specs.items()}
+
+
 def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    if device.type == "cuda":
+        return _bench_detectors_cuda(args, device, rows)
     size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
-    image = [torch.rand(3, size[0], int(size[0] * 1.5), device=device)]
-    low = torch.bfloat16 if device.type == "cpu" else torch.float16
+    image = (size[0], int(size[0] * 1.52))  # 800x1216: both sides divisible by 32, as the issue's timings
+    low = "bfloat16"
+    export_dir = Path(args.output_dir) / "exported"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    cases = [("faster_rcnn", d) for d in args.depths] + [("mask_rcnn", d) for d in args.depths]
+    for arch, depth in cases:
+        candidates: dict[str, dict[str, Any]] = {
+            "torchvision": {"kind": "torchvision"},
+            "ours": {"kind": "ours"},
+            "ours fast fp32": {"kind": "fast", "dtype": "float32"},
+            f"ours fast {low}": {"kind": "fast", "dtype": low},
+            f"ours fast {low} + pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": True},
+            f"ours fast {low}, fp32 pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": False},
+        }
+        if arch == "faster_rcnn" and depth == args.depths[0]:
+            candidates["torchvision R50 (fasterrcnn_resnet50_fpn)"] = {"kind": "r50"}
+        if not args.no_export and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
+            candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick))
+        results = {}
+        for name, spec in candidates.items():
+            full = {**spec, "arch": arch, "depth": depth, "size": list(size), "image": list(image), "threads": torch.get_num_threads(),
+                    "reps": args.reps, "warmup": args.warmup}
+            results[name] = time_in_own_process(full)
+            print(f"  {arch} R{depth} {name}: {results[name]}", flush=True)
+        ref = results["torchvision"]["seconds"]
+        for name, r in results.items():
+            if "error" in r:
+                print(f"error: {arch} R{depth} {name}: {r['error']}", file=sys.stderr)
+                continue
+            rows.append({"group": "detector inference", "case": f"{arch} R{depth} {image[0]}x{image[1]}", "candidate": name,
+                         "images_per_s": 1 / r["seconds"], "seconds": r["seconds"], "ratio": ref / r["seconds"],
+                         "peak_mb": r["peak_mb"] if not args.no_memory else None, "detections": r["detections"]})
+
+
+def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
+    image = [torch.rand(3, size[0], int(size[0] * 1.52), device=device)]
     for arch in ("faster_rcnn", "mask_rcnn"):
         for depth in args.depths:
             models = _detector_pairs(arch, depth, size)
             models["ours fast fp32"] = optimize_for_inference(models["ours"])
-            models[f"ours fast {str(low).split('.')[-1]}"] = optimize_for_inference(models["ours"], dtype=low)
-            models[f"ours fast {str(low).split('.')[-1]} + pyramid"] = optimize_for_inference(models["ours"], dtype=low, autocast_pyramid=True)
-            if arch == "faster_rcnn" and depth == args.depths[0]:
-                r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size[0], max_size=size[1]).eval()
-                r50.roi_heads.score_thresh = 0.0
-                models["torchvision R50 (fasterrcnn_resnet50_fpn)"] = r50
+            models["ours fast float16"] = optimize_for_inference(models["ours"], dtype=torch.float16)
             models = {k: m.to(device) for k, m in models.items()}
             fns = {k: (lambda m=m: m(image)) for k, m in models.items()}
             with torch.no_grad():
                 t = time_interleaved(fns, args.reps, args.warmup, device)
                 mem = {k: (peak_memory_mb(fn, device) if not args.no_memory else None) for k, fn in fns.items()}
             for name, sec in t.items():
-                rows.append({"group": "detector inference", "case": f"{arch} R{depth} {size[0]}x{int(size[0] * 1.5)}", "candidate": name,
+                rows.append({"group": "detector inference", "case": f"{arch} R{depth} {size[0]}x{int(size[0] * 1.52)}", "candidate": name,
                              "images_per_s": 1 / sec, "seconds": sec, "ratio": t["torchvision"] / sec, "peak_mb": mem[name]})
 
 
@@ -174,7 +367,7 @@ def bench_training(args: argparse.Namespace, device: torch.device, rows: list[di
         wh = torch.rand(4, 2, generator=g) * side * 0.3 + 8
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": torch.randint(1, 91, (4,), generator=g).to(device)})
     for depth in args.depths:
-        models = _detector_pairs("faster_rcnn", depth, (side, side))
+        models = _detector_pairs("faster_rcnn", depth, (side, side), fixed_work=False)
         models["ours --amp"] = models["ours"]
         opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9) for k, m in models.items()}
 
@@ -265,6 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
     p.add_argument("--only", nargs="+", choices=["backbone", "detector", "train", "eval"], default=["backbone", "detector", "train", "eval"])
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX Runtime / OpenVINO rows (no export)")
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = p.parse_args(argv)
     if args.reps is None:
