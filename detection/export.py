@@ -203,6 +203,8 @@ def _metadata(model: nn.Module, *, has_masks: bool, opset: int, export_size: tup
         "resfpn.opset": str(opset),
         "resfpn.precision": "fp32",
         "resfpn.build_args": json.dumps(build_args, default=str),
+        # The checkpoint's training config (data path and splits): evaluation finds the validation split by it.
+        "resfpn.train_config": json.dumps(getattr(model, "train_config", None), default=str),
         "resfpn.exporter": f"torch {torch.__version__}, torchvision {torchvision.__version__}, TorchScript-based exporter",
     }
 
@@ -355,7 +357,9 @@ def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, ca
     tmp = _atomic_dir(output)
     try:
         final = tmp / "model.pt"
-        torch.jit.save(scripted, str(final), _extra_files={"resfpn.json": json.dumps(meta)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
+            torch.jit.save(scripted, str(final), _extra_files={"resfpn.json": json.dumps(meta)})
         _publish(final, output)
     finally:
         import shutil

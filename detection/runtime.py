@@ -17,6 +17,7 @@ always set explicitly (``INFERENCE_PRECISION_HINT``) and named. TorchScript file
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -61,6 +62,7 @@ class ExportedDetector:
 
     Attributes:
         category_mapping: ``{"cat_ids": [...], "names": [...]}`` from the file, or ``None``.
+        train_config: the checkpoint's training config recorded in the file, or ``None``.
         has_masks: whether it predicts masks (Mask R-CNN).
         runtime: ``"<runtime> <precision>"``, e.g. ``"openvino int8"``.
         precision: the precision part alone.
@@ -75,6 +77,7 @@ class ExportedDetector:
         self.output_names = list(output_names)
         self.metadata = dict(metadata)
         self.category_mapping: Optional[dict[str, Any]] = self.metadata.get("category_mapping")
+        self.train_config: Optional[dict[str, Any]] = self.metadata.get("train_config")
         self.has_masks = "masks" in self.output_names
         self.precision = precision
         self.runtime = f"{runtime} {precision}"
@@ -179,7 +182,9 @@ def _load_torchscript(path: Path, precision: Optional[str], num_threads: Optiona
     if num_threads is not None:
         log.info("num_threads is process-wide for TorchScript; leaving torch's setting (%d)", torch.get_num_threads())
     extra = {"resfpn.json": ""}
-    scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra["resfpn.json"]:
         raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.json): export one with tools/export.py --format torchscript")
     from .export import decode_metadata

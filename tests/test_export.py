@@ -241,9 +241,10 @@ def test_int8_keeps_the_confident_detections(trained, tmp_path):
 
 
 def test_export_detector_int8_from_checkpoint_config(trained, tmp_path):
-    _, _, _, ckpt, _ = trained
+    _, _, root, ckpt, _ = trained
     out = export_detector(ckpt, tmp_path / "m8.onnx", int8=True, calib_images=2)
     assert read_metadata(out)["precision"] == "int8"
+    assert load_exported(out).train_config["data_path"] == str(root)  # evaluation finds the data by it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m8.onnx"]  # no temporary files left
 
 
