@@ -18,8 +18,6 @@ autocast, as in torchvision's AutocastCPU kernel, pooling runs in float32 and th
 takes the features' dtype.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 

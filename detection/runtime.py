@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 __all__ = ["RUNTIMES", "ExportedDetector", "RuntimeUnavailableError", "load_exported"]
 
@@ -54,7 +55,8 @@ class ExportedDetector:
 
     Args:
         run: one image as a float32 ``[3, H, W]`` array -> the file's outputs in order.
-        output_names: names of those outputs (``boxes``, ``labels``, ``scores`` [, ``masks``]).
+        output_names: names of those outputs (``boxes``, ``labels``, ``scores`` [, ``mask_probs``,
+            pasted here into ``masks`` as torchvision pastes them, or ``masks``]).
         metadata: the file's ``resfpn.*`` metadata (decoded).
         runtime: what runs it, e.g. ``"onnxruntime"``.
         precision: what precision actually runs, e.g. ``"fp32"``, ``"int8"``, ``"bf16"``.
@@ -78,7 +80,7 @@ class ExportedDetector:
         self.metadata = dict(metadata)
         self.category_mapping: Optional[dict[str, Any]] = self.metadata.get("category_mapping")
         self.train_config: Optional[dict[str, Any]] = self.metadata.get("train_config")
-        self.has_masks = "masks" in self.output_names
+        self.has_masks = "masks" in self.output_names or "mask_probs" in self.output_names
         self.precision = precision
         self.runtime = f"{runtime} {precision}"
         self.path = Path(path)
@@ -98,6 +100,8 @@ class ExportedDetector:
             outputs = self._run(array)
             result = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)}
             result["labels"] = result["labels"].to(torch.int64)
+            if "mask_probs" in result:
+                result["masks"] = paste_masks_in_image(result.pop("mask_probs"), result["boxes"], tuple(image.shape[-2:]), padding=1)
             results.append(result)
         return results
 

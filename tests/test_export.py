@@ -109,7 +109,7 @@ def test_metadata_and_roi_align_mode(tmp_path):
     assert meta["category_mapping"] == MAPPING
     assert meta["class_names"] == MAPPING["names"] and meta["category_ids"] == MAPPING["cat_ids"]
     assert meta["input"] == {"name": "image", "layout": "CHW", "batch": 1, "color": "RGB", "dtype": "float32", "range": [0.0, 1.0]}
-    assert meta["outputs"] == ["boxes", "labels", "scores", "masks"]
+    assert meta["outputs"] == ["boxes", "labels", "scores", "mask_probs"]  # pasted by load_exported
     assert meta["export_size"] == [96, 128] and meta["opset"] == 16 and meta["precision"] == "fp32"
     assert meta["resize"]["min_size"] == 96 and meta["resize"]["max_size"] == 128
     proto = onnx.load(str(path))
