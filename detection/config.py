@@ -276,7 +276,7 @@ def find_recipe(name: str | os.PathLike) -> Path:
     for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
         if candidate.is_file() and path.parent in (Path("."), Path("configs")):
             return candidate
-    names = [r["name"] for r in list_recipes()]
+    names = [r["name"] for r in list_recipes(None)]
     raise ConfigError(f"config file not found: {name} (recipes in {CONFIG_DIR}: {', '.join(names)}{_suggest(path.stem, names)})")
 
 
@@ -303,10 +303,21 @@ def default_recipe(model: str | None, data_path: str | None) -> Path | None:
     return path if path.is_file() else CONFIG_DIR / f"{SHAPES_RECIPE}.yaml"
 
 
-def list_recipes() -> list[dict[str, str]]:
-    """The shipped recipes: ``[{"name", "path", "description"}]``, description from the first comment line."""
+CLASSIFICATION_PREFIX = "cls_"  # configs/cls_*.yaml are classification recipes (tools/train_cls.py)
+
+
+def list_recipes(kind: str | None = "detection") -> list[dict[str, str]]:
+    """The shipped recipes: ``[{"name", "path", "description"}]``, description from the first comment line.
+
+    Args:
+        kind: ``"detection"``, ``"classification"`` (``cls_*.yaml``) or ``None`` for all.
+    """
+    if kind not in ("detection", "classification", None):
+        raise ValueError(f"kind must be 'detection', 'classification' or None, got {kind!r}")
     recipes = []
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if kind is not None and path.stem.startswith(CLASSIFICATION_PREFIX) != (kind == "classification"):
+            continue
         first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
         recipes.append({"name": path.stem, "path": str(path), "description": first.lstrip("# ").strip()})
     return recipes

@@ -10,7 +10,9 @@ from detection.config import DEFAULTS, ConfigError, apply_overrides, load_config
 from detection.engine import build_scheduler
 from pathlib import Path
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("cls_")]
+CLS_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("cls_")]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -142,3 +144,13 @@ def test_recipes_are_found_by_name_and_listed():
         find_recipe("faster_rcnn_r18")
     assert default_recipe("faster_rcnn", None).name == "shapes_faster_rcnn_r18_fpn.yaml"
     assert default_recipe("faster_rcnn", "/data/coco") is None
+
+
+@pytest.mark.parametrize("path", CLS_CONFIGS, ids=[p.name for p in CLS_CONFIGS])
+def test_every_classification_recipe_loads_with_its_schema(path):
+    from detection.classification import CLASSIFICATION
+
+    cfg = load_config(path, schema=CLASSIFICATION)
+    assert set(cfg) == set(CLASSIFICATION.defaults)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(path)  # not a detection recipe

@@ -49,9 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_configs:
-        for recipe in list_recipes():
-            if recipe["name"].startswith("cls_"):
-                print(f"{recipe['name']:<34} {recipe['description']}")
+        for recipe in list_recipes("classification"):
+            print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
     from detection.classification import CLASSIFICATION, default_cls_recipe, preflight_cls, train_classifier
     from detection.logs import setup_logging
