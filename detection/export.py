@@ -515,7 +515,7 @@ def quantize_onnx(
                 )
             result = onnx.load(str(quantized))
         else:
-            nncf = _require("nncf")
+            nncf = _require("nncf", extra="nncf")
             dataset = nncf.Dataset(list(images), lambda img: {"image": img.float().contiguous().numpy()})
             others = sorted({n.op_type for n in proto.graph.node if n.op_type != "Conv"})
             result = nncf.quantize(proto, dataset, subset_size=len(images), ignored_scope=nncf.IgnoredScope(types=others, validate=False))
@@ -564,7 +564,10 @@ def check_export_args(*, format: str, opset: int, int8: bool, calib_images: int,
             raise ExportError(f"int8 needs calibration images: pass --calib-images N with N >= 1 (e.g. 64), got {calib_images!r}")
         if int8_method not in INT8_METHODS:
             raise ExportError(f"int8 method must be one of {list(INT8_METHODS)}, got {int8_method!r}")
-        _require("onnxruntime" if int8_method == "onnxruntime" else "nncf")
+        if int8_method == "onnxruntime":
+            _require("onnxruntime")
+        else:
+            _require("nncf", extra="nncf")
     if format == "onnx":
         _require("onnx")
 
