@@ -417,3 +417,28 @@ def test_detection_run_reports_loading_a_classification_checkpoint(tmp_path):
     log = (out / "log.txt").read_text()
     for line in expected:
         assert proc.stderr.count(line) == 1 and log.count(line) == 1, (line, proc.stderr[-2000:])
+
+
+def test_ddp_two_processes_train_and_evaluate_exactly_like_one(tmp_path):
+    root = _folder(tmp_path / "data", val=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29743"]
+    common = ["--data-path", str(root), "--device", "cpu", "--no-progress"]
+    tiny = ["--set", "train_crop_size=32", "val_resize_size=36", "val_crop_size=32", "workers=0"]
+    proc = subprocess.run([*torchrun, "tools/train_cls.py", *common, "--output-dir", str(tmp_path / "ddp"), "--max-iters", "2",
+                           "--batch-size", "2", *tiny], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = read_classifier_training_state(tmp_path / "ddp" / "checkpoint.pth")
+    assert ckpt["iteration"] == 2 and ckpt["config"]["batch_size"] == 2
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["val/top1"] >= 0
+    # 9 validation images over 2 ranks: 5 + 4, counted once each, the same numbers as one process.
+    weights = str(tmp_path / "ddp" / "model_final.pth")
+    single = _run(["tools/eval_cls.py", "--weights", weights, "--data-path", str(root), "--output-dir", str(tmp_path / "e1"),
+                   "--device", "cpu", "--workers", "0", "--no-progress"], tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([*torchrun, "tools/eval_cls.py", "--weights", weights, "--data-path", str(root), "--output-dir",
+                             str(tmp_path / "e2"), "--device", "cpu", "--workers", "0", "--no-progress"],
+                            cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-2000:]
+    m1, m2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
+    assert m1["images"] == m2["images"] == 9
+    assert m1["top1"] == pytest.approx(m2["top1"]) and m1["loss"] == pytest.approx(m2["loss"], rel=1e-5)

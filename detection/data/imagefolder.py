@@ -221,7 +221,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, classes={len(self.classes)})"
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(getattr(self, 'samples', []))})"
 
 
 def build_cls_transform(
@@ -300,10 +300,7 @@ def _background_window(rng: np.random.Generator, height: int, width: int, boxes:
 
 
 def _write_cls_split(root: Path, split: str, scenes: int, image_size: int, crop_size: int, seed: int) -> dict[str, int]:
-    names = [BACKGROUND_CLASS, *shapes.SHAPES_CLASSES]
-    for name in names:
-        (root / split / name).mkdir(parents=True, exist_ok=True)
-    counts = dict.fromkeys(names, 0)
+    counts = dict.fromkeys([BACKGROUND_CLASS, *shapes.SHAPES_CLASSES], 0)
     short = int(round(0.75 * image_size))
     for index in range(scenes):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
@@ -324,6 +321,8 @@ def _write_cls_split(root: Path, split: str, scenes: int, image_size: int, crop_
             ok, encoded = cv2.imencode(".jpg", crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, shapes.JPEG_QUALITY])
             if not ok:
                 raise RuntimeError(f"JPEG encoding failed for scene {index} of {split}")
+            # Folders appear with their first crop: a tiny split may lack a class, never hold an empty folder.
+            (root / split / name).mkdir(parents=True, exist_ok=True)
             (root / split / name / f"{index:06d}_{k}.jpg").write_bytes(encoded.tobytes())
             counts[name] += 1
     return counts

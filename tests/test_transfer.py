@@ -1,0 +1,44 @@
+"""The pretrained-trunk demo (make pretrain-demo) end to end on tiny data: both arms, the summary and the figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from detection.transfer import run_transfer_demo
+
+DET = ["shapes_train=6", "shapes_val=2", "shapes_size=64", "min_size=64", "max_size=64", "workers=0", "batch_size=2",
+       "max_iters=2", "epochs=1", "num_vis=0", "warmup_iters=1"]
+CLS = ["shapes_train=6", "shapes_val=2", "shapes_size=64", "shapes_crop_size=32", "train_crop_size=32", "val_resize_size=36",
+       "val_crop_size=32", "batch_size=4", "workers=0", "epochs=1", "max_iters=2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_both_arms_run_and_are_timed_from_their_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    summary = run_transfer_demo(out, scratch_set=DET, pretrain_set=CLS, finetune_set=DET, progress=False)
+    assert set(summary) == {"scratch", "pretrained"}
+    pre = summary["pretrained"]
+    assert set(pre["phases"]) == {"generate_crops", "pretrain", "detection"}
+    assert pre["seconds"] == pytest.approx(sum(p["seconds"] for p in pre["phases"].values()), rel=1e-6)
+    assert pre["pretrain_seconds"] < pre["seconds"] and pre["cpu_seconds"] > 0
+    # The fine-tuning's one evaluation lies after the pretraining on the arm's clock.
+    assert len(pre["curve"]) == 1 and pre["curve"][0]["seconds"] > pre["pretrain_seconds"]
+    assert len(summary["scratch"]["curve"]) == 1 and 0 < summary["scratch"]["curve"][0]["seconds"] <= summary["scratch"]["seconds"]
+    assert (out / "finetune" / "model_final.pth").is_file() and (out / "pretrain" / "model_final.pth").is_file()
+    log = (out / "finetune" / "log.txt").read_text()
+    assert f"loaded 100 tensors from {out / 'pretrain' / 'model_final.pth'}" in log and "skipped 2 (classifier" in log
+    table = (out / "summary.md").read_text()
+    assert table.count("\n") == 4 and "| scratch | - |" in table and "| pretrained |" in table
+    assert (out / "transfer.png").stat().st_size > 10_000
+    assert json.loads((out / "summary.json").read_text())["pretrained"]["crops"]["train"]["background"] > 0
