@@ -23,7 +23,7 @@ from .data.coco import image_to_tensor, read_image_rgb
 __all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_model"]
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
-EXPORTED_SUFFIXES = (".onnx", ".xml")  # run by ONNX Runtime unless told otherwise; TorchScript files need runtime="torchscript"
+EXPORTED_SUFFIXES = (".onnx",)  # run by ONNX Runtime unless told otherwise; TorchScript files need runtime="torchscript"
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
 
@@ -81,8 +81,8 @@ def load_model(
     """Load a detector from a checkpoint or an exported file, ready to call like a torchvision detector.
 
     Args:
-        source: ``model_final.pth`` / ``checkpoint.pth``, an exported ``.onnx`` (or
-            OpenVINO ``.xml``) file, or a model already built.
+        source: ``model_final.pth`` / ``checkpoint.pth``, an exported ``.onnx`` file
+            (or a TorchScript ``.pt`` with ``runtime="torchscript"``), or a model already built.
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``; default ``"torch"`` for
             checkpoints and ``"onnxruntime"`` for exported files.
         device: where a PyTorch model runs (exported files run on the CPU).

@@ -19,7 +19,7 @@ from detection.predictor import RUNTIMES
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx / .xml")
+    p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
     p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
     p.add_argument("--data-path", help="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)")
     p.add_argument("--split", help="split to evaluate (default: the training run's val split, or the one *val* split found)")

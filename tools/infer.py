@@ -21,7 +21,7 @@ from detection.predictor import EXPORTED_SUFFIXES, RUNTIMES
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_final.pth from train_det.py, or an exported .onnx / .xml")
+    p.add_argument("--checkpoint", required=True, help="model_final.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
     p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
     p.add_argument("--input", required=True, help="an image file or a folder of images (any format PIL reads)")
     p.add_argument("--output", required=True, help="folder for the PNGs and detections.json")
