@@ -180,7 +180,8 @@ def plot_transfer(summary: dict[str, Any], out_png: str | Path) -> Path:
         s = summary[arm]
         curve = s["curve"]
         label = f"{arm}: {s['metrics']['bbox/AP']:.1f} AP in {s['seconds'] / 60:.1f} min"
-        ax.plot([0.0] + [p["seconds"] / 60 for p in curve], [0.0] + [p["bbox/AP"] for p in curve], marker="o", color=colours[arm], label=label)
+        start = s.get("pretrain_seconds") or 0.0  # the detector exists from here on
+        ax.plot([start / 60] + [p["seconds"] / 60 for p in curve], [0.0] + [p["bbox/AP"] for p in curve], marker="o", color=colours[arm], label=label)
         if s.get("pretrain_seconds"):
             ax.axvspan(0, s["pretrain_seconds"] / 60, color=colours[arm], alpha=0.12, label="crops + pretraining")
     ax.set_xlabel("minutes since the arm started (one arm at a time, same machine)")
