@@ -24,7 +24,7 @@ train-mask: $(STAMP)
 	$(PY) tools/train_det.py --model mask_rcnn
 
 # The pretrained-trunk path offline: shapes crops, a trunk pretrained on them, the detector fine-tuned from it,
-# against training from scratch at equal total CPU time (tools/pretrain_demo.py; about 17 minutes on 2 cores).
+# against training from scratch at equal total CPU time (tools/pretrain_demo.py; about 15 minutes on 2 cores).
 pretrain-demo: $(STAMP)
 	$(PY) tools/pretrain_demo.py
 

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ __all__ = [
     "TRAINING_KEYS",
     "CheckpointError",
     "atomic_save",
+    "atomic_write_text",
     "load_classifier",
     "load_detector",
     "read_checkpoint",
@@ -96,12 +97,26 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The destination path.
     """
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` the way ``atomic_save`` writes a checkpoint.
+
+    Args:
+        path: destination file.
+        text: its whole new content.
+    """
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())

@@ -713,7 +713,7 @@ def train_classifier(cfg: dict[str, Any], *, resume: str | Path | bool | None = 
             if data.val_set.missing_classes:
                 logger.info("%d training classes have no validation images: %s", len(data.val_set.missing_classes),
                             ", ".join(data.val_set.missing_classes[:8]))
-        metrics = MetricsLog(run)
+        metrics = MetricsLog(run, resumed_at=state.iteration if resume else None)
         bar = tqdm(total=data.stop_at, initial=state.iteration, desc="train", disable=not progress or not run.is_main, dynamic_ncols=True)
         state.train_model.train()
         for epoch in range(state.iteration // data.iters_per_epoch, cfg["epochs"]):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import distributed as dist_utils
 from backbones.weights import normalize_state_dict
 
-from .checkpoint import CheckpointError, read_checkpoint, read_training_state, save_detector, save_training_state
+from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, read_training_state, save_detector, save_training_state
 from .config import resolve_device, save_config
 from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_fn, create_aspect_ratio_groups
 from .data.roots import find_splits, prepare_data_root
@@ -420,14 +420,53 @@ def build_amp(cfg: dict[str, Any], device: torch.device) -> tuple[torch.dtype, t
 # Logging of metrics
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per line), log lines and TensorBoard scalars, on rank 0."""
+RECORD_FILES = ("metrics.jsonl", "batches.jsonl")
 
-    def __init__(self, run: Run) -> None:
+
+def restart_records(path: Path, resumed_at: int | None) -> None:
+    """Make a run's ``*.jsonl`` file hold only this run's history before it appends.
+
+    A fresh run in a used folder must not inherit an earlier run's records (its curves
+    would mix both), and a resumed run redoes the iterations after its checkpoint, so
+    records past it (written before the interruption) would appear twice.
+
+    Args:
+        path: the file (absent: nothing to do).
+        resumed_at: the checkpoint's iteration, or ``None`` for a fresh run (file removed).
+    """
+    if not path.is_file():
+        return
+    if resumed_at is None:
+        path.unlink()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the interruption
+            continue
+        if int(record.get("iter", 0)) <= resumed_at:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line), log lines and TensorBoard scalars, on rank 0.
+
+    Args:
+        run: the run (only rank 0 writes).
+        resumed_at: the iteration a resumed run starts from (records past it are dropped),
+            or ``None`` for a fresh run (an earlier run's ``metrics.jsonl`` and
+            ``batches.jsonl`` in the folder are removed).
+    """
+
+    def __init__(self, run: Run, *, resumed_at: int | None = None) -> None:
         self.path = run.out / "metrics.jsonl"
         self.enabled = run.is_main
         self.writer = None
         if self.enabled:
+            for name in RECORD_FILES:
+                restart_records(run.out / name, resumed_at)
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -662,7 +701,7 @@ def train(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progr
             logger.info("training %s/%s on %s: %d images, %d classes, %d iterations/epoch, %d planned, batch %d x %d, lr %.4g",
                         cfg["model"], cfg["backbone"], data.root, len(data.train_set), data.train_set.num_classes - 1,
                         data.iters_per_epoch, data.stop_at, cfg["batch_size"], run.world, state.lr)
-        metrics = MetricsLog(run)
+        metrics = MetricsLog(run, resumed_at=state.iteration if resume else None)
         bar = tqdm(total=data.stop_at, initial=state.iteration, desc="train", disable=not progress or not run.is_main, dynamic_ncols=True)
         state.train_model.train()
         for epoch in range(state.iteration // data.iters_per_epoch, cfg["epochs"]):

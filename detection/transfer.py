@@ -11,9 +11,11 @@ final evaluation:
   (FrozenBatchNorm2d, ``trainable_layers=3``). Generating the crops and pretraining
   count towards this arm's time.
 
-The detection data set is prepared before either arm starts (both use it). The
-result is a table of times and AP and a figure of AP against time since each arm's
-start, so the arms are compared at equal total time.
+The scratch arm trains for 7 epochs instead of the recipe's 5, which brings its time
+close to the pretrained arm's (measured: 421 s against 460 s on two CPU cores).
+The detection data set is prepared before either arm starts (both use it). The result is
+a table of times and AP and a figure of AP against time since each arm's start, so
+the arms are compared at equal total time.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from .data.roots import prepare_data_root
 from .engine import train
 from .logs import log_to_file
 
-__all__ = ["ARMS", "plot_transfer", "run_transfer_demo"]
+__all__ = ["ARMS", "SCRATCH_SET", "plot_transfer", "run_transfer_demo"]
 
 logger = logging.getLogger(__name__)
 
 ARMS = ("scratch", "pretrained")
+# The scratch arm's own overrides of its recipe (the user's scratch_set comes after): equal time with the other arm.
+SCRATCH_SET = ("epochs=7",)
 
 
 def _cpu_seconds() -> float:
@@ -84,7 +88,7 @@ def run_transfer_demo(
         pretrain_recipe: classification recipe of the pretraining (its ``shapes_*``
             keys say which crops to generate).
         finetune_recipe: detection recipe of the fine-tuning (its trunk settings).
-        scratch_set: ``key=value`` overrides of the scratch recipe.
+        scratch_set: ``key=value`` overrides of the scratch recipe (after ``SCRATCH_SET``).
         pretrain_set: ``key=value`` overrides of the pretraining recipe.
         finetune_set: ``key=value`` overrides of the fine-tuning recipe.
         progress: show tqdm bars.
@@ -97,7 +101,7 @@ def run_transfer_demo(
         raise ValueError(f"arms must be among {list(ARMS)}, got {unknown}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scratch_cfg = apply_overrides(load_config(scratch_recipe), scratch_set, output_dir=str(out / "scratch"))
+    scratch_cfg = apply_overrides(load_config(scratch_recipe), [*SCRATCH_SET, *scratch_set], output_dir=str(out / "scratch"))
     cls_cfg = apply_overrides(load_config(pretrain_recipe, schema=CLASSIFICATION), pretrain_set, schema=CLASSIFICATION,
                               data_path=str(out / "shapes_cls"), output_dir=str(out / "pretrain"))
     ft_cfg = apply_overrides(load_config(finetune_recipe), finetune_set, output_dir=str(out / "finetune"),

@@ -106,6 +106,10 @@ def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_p
     stop = total // 6
     engine.train(_cfg(tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
     assert read_training_state(tmp_path / "resumed" / "checkpoint.pth")["iteration"] == stop
+    # An interruption after the checkpoint leaves records of iterations that resuming redoes.
+    for name, extra in (("batches.jsonl", {"epoch": 0, "image_ids": [-1, -1]}), ("metrics.jsonl", {"loss": 9.0})):
+        with open(tmp_path / "resumed" / name, "a") as f:
+            f.write(json.dumps({"iter": stop + 1, **extra}) + "\n" + '{"iter": ')
     resumed = engine.train(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
     assert resumed["iteration"] == total
     expected, seen = _batches(tmp_path / "straight"), _batches(tmp_path / "resumed")
@@ -115,6 +119,19 @@ def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_p
     per_epoch = total // 2
     first_epoch = [i for _, ids in seen[:per_epoch] for i in ids]
     assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 16
+    train_iters = [r["iter"] for r in _records(tmp_path / "resumed") if "loss" in r]
+    assert train_iters == sorted(set(train_iters)) and 9.0 not in [r["loss"] for r in _records(tmp_path / "resumed") if "loss" in r]
+
+
+def test_a_fresh_run_in_a_used_folder_starts_its_own_records(tmp_path):
+    run = engine.setup_run(_cfg(tmp_path / "run"), progress=False)
+    old = [{"iter": i, "loss": 1.0} for i in (1, 2, 3)]
+    for name in engine.RECORD_FILES:
+        (run.out / name).write_text("".join(json.dumps(r) + "\n" for r in old))
+    engine.MetricsLog(run, resumed_at=2).close()
+    assert [r["iter"] for r in _records(run.out)] == [1, 2]
+    engine.MetricsLog(run).close()
+    assert not any((run.out / name).exists() for name in engine.RECORD_FILES)
 
 
 def test_epoch_is_right_in_every_record_under_max_iters(tmp_path, cache):

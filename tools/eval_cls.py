@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resize-size", type=int, help="shorter side before the centre crop (default 256, or the checkpoint's)")
     p.add_argument("--crop-size", type=int, help="centre crop (default 224, or the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes (default: up to 4, no more than the CPUs)")
     p.add_argument("--device", choices=list(DEVICES), default="auto")
     p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
     p.add_argument("--output-dir", help="write metrics.json here")

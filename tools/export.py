@@ -34,7 +34,9 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
 
 def main(argv: "list[str] | None" = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from detection.logs import setup_logging
+
+    setup_logging()
     for noisy in ("root", "nncf"):  # the quantizers' advice lines
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

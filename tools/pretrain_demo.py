@@ -3,7 +3,7 @@
     python tools/pretrain_demo.py                                  # both arms, into outputs/pretrain_demo
     python tools/pretrain_demo.py --arms pretrained --finetune-set trainable_layers=5 norm=bn
 
-Arm "scratch": the shapes detector from a random trunk (configs/shapes_faster_rcnn_r18_fpn.yaml).
+Arm "scratch": the shapes detector from a random trunk (configs/shapes_faster_rcnn_r18_fpn.yaml, 7 epochs).
 Arm "pretrained": shapes crops generated, a ResNet-18 pretrained on them (configs/cls_shapes_r18.yaml),
 the detector fine-tuned from it with FrozenBatchNorm2d and 3 trainable stages
 (configs/shapes_faster_rcnn_r18_fpn_pretrained.yaml); crops and pretraining count in its time.
@@ -17,11 +17,13 @@ import sys
 
 from detection.cli import USER_ERRORS
 
+ARM_NAMES = ["scratch", "pretrained"]  # detection.transfer.ARMS, without importing torch here
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="outputs/pretrain_demo")
-    p.add_argument("--arms", nargs="+", choices=["scratch", "pretrained"], default=["scratch", "pretrained"])
+    p.add_argument("--arms", nargs="+", choices=ARM_NAMES, default=ARM_NAMES)
     p.add_argument("--scratch-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of the scratch recipe")
     p.add_argument("--pretrain-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of the pretraining recipe")
     p.add_argument("--finetune-set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of the fine-tuning recipe")
