@@ -28,6 +28,7 @@ __all__ = [
     "LoadReport",
     "WeightsError",
     "imagenet_cache_path",
+    "imagenet_file",
     "load_pretrained",
     "normalize_state_dict",
     "read_checkpoint",
@@ -168,7 +169,18 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise WeightsError(f"could not read {path} as a torch checkpoint: {e}") from None
 
 
-def _imagenet_file(depth: int, download: bool) -> Path:
+def imagenet_file(depth: int, *, download: bool = True) -> Path:
+    """torchvision's ImageNet file for ``depth``, from the hub cache or fetched into it.
+
+    Tools call this before a run starts, so a missing file is an error before any work.
+
+    Args:
+        depth: 18 or 34.
+        download: fetch the file when it is not cached.
+
+    Raises:
+        WeightsError: not cached and not fetched; the message names the file, its URL and the folder.
+    """
     spec = IMAGENET_WEIGHTS[depth]
     path = imagenet_cache_path(depth)
     if path.is_file():
@@ -273,7 +285,7 @@ def load_pretrained(model: nn.Module, source: Source, *, strict: bool = False, d
     """
     if isinstance(source, str) and source == "imagenet":
         depth = _model_depth(model)
-        path = _imagenet_file(depth, download)
+        path = imagenet_file(depth, download=download)
         raw: Any = read_checkpoint(path)
         name = str(path)
     elif isinstance(source, Mapping):

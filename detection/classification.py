@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from backbones.resnet import ResNet, resnet
-from backbones.weights import IMAGENET_WEIGHTS, WeightsError, load_pretrained, normalize_state_dict, read_checkpoint
+from backbones.weights import IMAGENET_WEIGHTS, WeightsError, imagenet_file, load_pretrained, normalize_state_dict, read_checkpoint
 
 from . import distributed as dist_utils
 from .checkpoint import (
@@ -604,7 +604,9 @@ def preflight_cls(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
                 f"{train_set.split_dir} has {len(train_set)} images, fewer than one batch of {cfg['batch_size']} "
                 f"x {world} processes; lower batch_size"
             )
-    if cfg["weights"] is not None and cfg["weights"] != "imagenet":
+    if cfg["weights"] == "imagenet":
+        imagenet_file(BACKBONES[cfg["backbone"]])
+    elif cfg["weights"] is not None:
         normalize_state_dict(read_checkpoint(cfg["weights"]))
     if resume:
         path = Path(cfg["output_dir"]) / "checkpoint.pth" if resume is True else Path(resume)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from backbones.weights import normalize_state_dict
+from backbones.weights import imagenet_file, normalize_state_dict
 
 from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, read_training_state, save_detector, save_training_state
 from .config import resolve_device, save_config
@@ -34,7 +34,7 @@ from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_
 from .data.roots import find_splits, prepare_data_root
 from .evaluation import evaluate, format_metrics, format_per_category
 from .logs import log_to_file
-from .models import build_detector, count_parameters
+from .models import BACKBONES, build_detector, count_parameters
 from .visualize import draw_detections, plot_curves, save_image
 
 __all__ = [
@@ -139,7 +139,9 @@ def preflight(cfg: dict[str, Any], *, resume: str | Path | bool | None = None) -
     if cfg["data_path"] is not None:
         cfg["train_split"], cfg["val_split"] = find_splits(cfg["data_path"], cfg["train_split"], cfg["val_split"])
     weights = cfg["weights_backbone"]
-    if weights is not None and weights != "imagenet":
+    if weights == "imagenet":
+        imagenet_file(BACKBONES[cfg["backbone"]])
+    elif weights is not None:
         normalize_state_dict(read_checkpoint(weights))
     if resume:
         path = Path(cfg["output_dir"]) / "checkpoint.pth" if resume is True else Path(resume)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from backbones import load_pretrained, resnet18, resnet18_fpn
+from backbones.weights import WeightsError
 from detection.checkpoint import CheckpointError, load_classifier, read_checkpoint, read_classifier_training_state, save_classifier
 from detection.classification import (
     CLASSIFICATION,
@@ -347,6 +348,19 @@ def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
         preflight_cls(_cfg(root, tmp_path / "run", "batch_size=64"))
     with pytest.raises(CheckpointError, match="nothing to resume"):
         preflight_cls(_cfg(root, tmp_path / "run"), resume=True)
+
+
+def test_preflight_finds_the_imagenet_file_before_any_work(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "data")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match=r"ResNet-18 are not cached\. Put resnet18-f37072fd\.pth .*no network"):
+        preflight_cls(_cfg(root, tmp_path / "run", "weights=imagenet"))
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,3 +182,21 @@ def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
         engine.preflight(_cfg(tmp_path / "run"), resume=final)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         engine.preflight(_cfg(tmp_path / "run"), resume=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_preflight_finds_the_imagenet_file_before_any_work(tmp_path, monkeypatch):
+    from backbones.weights import WeightsError, imagenet_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match=r"ResNet-34 are not cached\. Put resnet34-b627a593\.pth .*no network"):
+        engine.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))
+    assert not (tmp_path / "run").exists()
+    imagenet_cache_path(34).parent.mkdir(parents=True, exist_ok=True)
+    imagenet_cache_path(34).write_bytes(b"present")  # preflight checks presence; loading verifies the hash
+    assert engine.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))["backbone"] == "resnet34"
