@@ -54,7 +54,19 @@ from .config import (
     resolve_device,
 )
 from .data.imagefolder import ImageFolder, build_cls_transform, prepare_cls_data_root
-from .engine import MetricsLog, Run, _EpochBatches, _step, _Window, _worker_init, build_amp, build_optimizer, build_scheduler, setup_run
+from .engine import (
+    MetricsLog,
+    Run,
+    _EpochBatches,
+    _step,
+    _Window,
+    _worker_init,
+    build_amp,
+    build_optimizer,
+    build_scheduler,
+    eval_due,
+    setup_run,
+)
 from .logs import log_to_file
 from .models import BACKBONES
 from .visualize import plot_curves
@@ -716,6 +728,9 @@ def train_classifier(cfg: dict[str, Any], *, resume: str | Path | bool | None = 
                 logger.info("%d training classes have no validation images: %s", len(data.val_set.missing_classes),
                             ", ".join(data.val_set.missing_classes[:8]))
         metrics = MetricsLog(run, resumed_at=state.iteration if resume else None)
+        if resume and eval_due(cfg, state.iteration, data.iters_per_epoch, data.stop_at) and not metrics.evaluated_at(state.iteration):
+            logger.info("the evaluation after iteration %d did not finish before the run stopped; running it now", state.iteration)
+            _evaluate_run(state, data, run, metrics)
         bar = tqdm(total=data.stop_at, initial=state.iteration, desc="train", disable=not progress or not run.is_main, dynamic_ncols=True)
         state.train_model.train()
         for epoch in range(state.iteration // data.iters_per_epoch, cfg["epochs"]):
@@ -725,7 +740,7 @@ def train_classifier(cfg: dict[str, Any], *, resume: str | Path | bool | None = 
             epoch_done = state.iteration == (epoch + 1) * data.iters_per_epoch
             if run.is_main:
                 state.save(run.out / "checkpoint.pth", epoch=epoch + 1 if epoch_done else epoch, cfg=run.cfg, classes=data.classes)
-            if cfg["eval_period"] and epoch_done and (epoch + 1) % cfg["eval_period"] == 0 and state.iteration < data.stop_at:
+            if eval_due(cfg, state.iteration, data.iters_per_epoch, data.stop_at):
                 _evaluate_run(state, data, run, metrics)
         bar.close()
         final = _finish(state, data, run, metrics)

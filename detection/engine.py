@@ -452,6 +452,19 @@ def restart_records(path: Path, resumed_at: int | None) -> None:
     atomic_write_text(path, "".join(kept))
 
 
+def eval_due(cfg: dict[str, Any], iteration: int, iters_per_epoch: int, stop_at: int) -> bool:
+    """Whether an epoch-end evaluation follows ``iteration`` (the run's last one is ``finish``'s).
+
+    Args:
+        cfg: the run's config (``eval_period``, in epochs; 0: only at the end).
+        iteration: iterations done.
+        iters_per_epoch: iterations in one epoch.
+        stop_at: the iteration the run stops at.
+    """
+    epochs_done, at_epoch_end = divmod(iteration, iters_per_epoch)
+    return bool(cfg["eval_period"]) and iteration > 0 and at_epoch_end == 0 and epochs_done % cfg["eval_period"] == 0 and iteration < stop_at
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per line), log lines and TensorBoard scalars, on rank 0.
 
@@ -488,6 +501,22 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("iter", "wall_time"):
                     self.writer.add_scalar(f"{prefix}{k}", v, record["iter"])
+
+    def evaluated_at(self, iteration: int) -> bool:
+        """Whether the file holds an evaluation record at ``iteration``; rank 0's answer on every rank.
+
+        Args:
+            iteration: the iteration the evaluation followed.
+        """
+        found = None
+        if self.enabled:
+            found = False
+            if self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    record = json.loads(line)
+                    # Training records always carry the learning rate; evaluation records never do.
+                    found = found or (record.get("iter") == iteration and "lr" not in record)
+        return bool(dist_utils.broadcast_object(found))
 
     def close(self) -> None:
         """Flush TensorBoard."""
@@ -704,6 +733,9 @@ def train(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progr
                         cfg["model"], cfg["backbone"], data.root, len(data.train_set), data.train_set.num_classes - 1,
                         data.iters_per_epoch, data.stop_at, cfg["batch_size"], run.world, state.lr)
         metrics = MetricsLog(run, resumed_at=state.iteration if resume else None)
+        if resume and eval_due(cfg, state.iteration, data.iters_per_epoch, data.stop_at) and not metrics.evaluated_at(state.iteration):
+            logger.info("the evaluation after iteration %d did not finish before the run stopped; running it now", state.iteration)
+            evaluate_run(state, data, run, metrics)
         bar = tqdm(total=data.stop_at, initial=state.iteration, desc="train", disable=not progress or not run.is_main, dynamic_ncols=True)
         state.train_model.train()
         for epoch in range(state.iteration // data.iters_per_epoch, cfg["epochs"]):
@@ -714,7 +746,7 @@ def train(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progr
             if run.is_main:
                 state.save(run.out / "checkpoint.pth", epoch=epoch + 1 if epoch_done else epoch, cfg=run.cfg, category_mapping=data.category_mapping)
             # The last epoch is evaluated by finish(), after model_final.pth is safe on disk.
-            if cfg["eval_period"] and epoch_done and (epoch + 1) % cfg["eval_period"] == 0 and state.iteration < data.stop_at:
+            if eval_due(cfg, state.iteration, data.iters_per_epoch, data.stop_at):
                 evaluate_run(state, data, run, metrics)
         bar.close()
         final = finish(state, data, run, metrics)

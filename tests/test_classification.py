@@ -255,6 +255,18 @@ def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_p
     assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
 
 
+def test_resume_runs_the_epoch_end_evaluation_a_stop_cut_short(tmp_path):
+    root = _folder(tmp_path / "data")
+    per_epoch = 18 // 4
+    train_classifier(_cfg(root, tmp_path / "run", "eval_period=1", f"max_iters={per_epoch}"), progress=False)
+    # Stopped during the evaluation after the first epoch's checkpoint: its record was never written.
+    kept = [r for r in _records(tmp_path / "run") if "val/top1" not in r]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    train_classifier(_cfg(root, tmp_path / "run", "eval_period=1"), resume=True, progress=False)
+    assert [r["iter"] for r in _records(tmp_path / "run") if "val/top1" in r] == [per_epoch, 2 * per_epoch]
+    assert "did not finish before the run stopped" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_modern_recipe_pieces_run_together(tmp_path):
     root = _folder(tmp_path / "data")
     cfg = _cfg(root, tmp_path / "run", "max_iters=6", "ema=true", "ema_steps=1", "amp=true", "channels_last=true",

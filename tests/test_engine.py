@@ -123,6 +123,26 @@ def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_p
     assert train_iters == sorted(set(train_iters)) and 9.0 not in [r["loss"] for r in _records(tmp_path / "resumed") if "loss" in r]
 
 
+def test_resume_runs_an_epoch_end_evaluation_the_stop_cut_short_once(tmp_path, cache):
+    import shutil
+
+    flags = ("epochs=2", "eval_period=1", "num_vis=0")
+    probe = engine.setup_run(_cfg(tmp_path / "probe", *flags), progress=False)
+    per_epoch = engine.build_data(probe.cfg, probe).iters_per_epoch
+    assert engine.train(_cfg(tmp_path / "a", *flags, f"max_iters={per_epoch}"), progress=False)["iteration"] == per_epoch
+    assert engine.eval_due(probe.cfg, per_epoch, per_epoch, 2 * per_epoch) and not engine.eval_due(probe.cfg, per_epoch - 1, per_epoch, 2 * per_epoch)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    # "a": stopped during the evaluation after the epoch's checkpoint (its record never written).
+    kept = [r for r in _records(tmp_path / "a") if "bbox/AP" not in r]
+    (tmp_path / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    for run in ("a", "b"):
+        engine.train(_cfg(tmp_path / run, *flags), resume=True, progress=False)
+        evals = [r["iter"] for r in _records(tmp_path / run) if "bbox/AP" in r]
+        assert evals == [per_epoch, 2 * per_epoch], (run, evals)
+    assert "did not finish before the run stopped" in (tmp_path / "a" / "log.txt").read_text()
+    assert "did not finish before the run stopped" not in (tmp_path / "b" / "log.txt").read_text()
+
+
 def test_a_fresh_run_in_a_used_folder_starts_its_own_records(tmp_path):
     run = engine.setup_run(_cfg(tmp_path / "run"), progress=False)
     old = [{"iter": i, "loss": 1.0} for i in (1, 2, 3)]
