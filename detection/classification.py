@@ -65,6 +65,7 @@ from .engine import (
     build_optimizer,
     build_scheduler,
     eval_due,
+    record_step,
     setup_run,
 )
 from .logs import log_to_file
@@ -474,19 +475,7 @@ def train_cls_one_epoch(state: ClsTrainState, data: ClsData, epoch: int, run: Ru
             if epoch < cfg["warmup_epochs"]:
                 # torchvision's reference: during warm-up the average restarts from the current weights.
                 state.ema.n_averaged.fill_(0)
-        if terms is not None:
-            window.add(terms.pop("loss"), terms)
-        if bar is not None:
-            bar.update(1)
-            if terms is not None:
-                bar.set_postfix(loss=f"{window.values['loss'][-1]:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}")
-        if state.iteration % cfg["log_period"] == 0 or state.iteration == data.stop_at:
-            record = window.record(state.iteration, epoch, state.optimizer.param_groups[0]["lr"], data.stop_at, cfg["batch_size"] * run.world)
-            metrics.write(record, prefix="train/")
-            if run.is_main:
-                logger.info("iter %d/%d epoch %d %s", state.iteration, data.stop_at, epoch,
-                            " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            window = _Window()
+        window = record_step(terms, window, bar, state.optimizer, state.iteration, epoch, data.stop_at, run, metrics)
         if state.iteration % cfg["checkpoint_period"] == 0 and run.is_main:
             state.save(run.out / "checkpoint.pth", epoch=epoch, cfg=cfg, classes=data.classes)
         if state.iteration >= data.stop_at:

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -582,6 +582,50 @@ def _step(state: TrainState, cfg: dict[str, Any], images: list[torch.Tensor], ta
     return {"loss": loss.item(), **{k: v.item() for k, v in loss_dict.items()}}, 0
 
 
+def record_step(
+    terms: dict[str, float] | None,
+    window: _Window,
+    bar: tqdm | None,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    epoch: int,
+    stop_at: int,
+    run: Run,
+    metrics: MetricsLog,
+) -> _Window:
+    """Account for one training step (both trainers): the loss window, the progress bar, and
+    every ``log_period`` iterations a ``metrics.jsonl`` record and a log line.
+
+    Args:
+        terms: the step's loss terms (with ``loss``), or ``None`` for a skipped step.
+        window: the losses and timings since the last record.
+        bar: a progress bar to advance, or ``None``.
+        optimizer: for the learning rate.
+        iteration: iterations done, this step included.
+        epoch: the step's epoch.
+        stop_at: the iteration the run stops at.
+        run: the run (config, world size, rank).
+        metrics: where records go.
+
+    Returns:
+        The window to add the next steps to (a new one after a record).
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    if terms is not None:
+        window.add(terms.pop("loss"), terms)
+    if bar is not None:
+        bar.update(1)
+        if terms is not None:
+            bar.set_postfix(loss=f"{window.values['loss'][-1]:.3f}", lr=f"{lr:.2e}")
+    if iteration % run.cfg["log_period"] and iteration != stop_at:
+        return window
+    record = window.record(iteration, epoch, lr, stop_at, run.cfg["batch_size"] * run.world)
+    metrics.write(record, prefix="train/")
+    if run.is_main:
+        logger.info("iter %d/%d epoch %d %s", iteration, stop_at, epoch, " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    return _Window()
+
+
 def train_one_epoch(
     state: TrainState, data: TrainData, epoch: int, run: Run, metrics: MetricsLog, bar: tqdm | None = None
 ) -> None:
@@ -615,19 +659,7 @@ def train_one_epoch(
         terms, bad_in_a_row = _step(state, cfg, images, targets, bad_in_a_row)
         state.scheduler.step()
         state.iteration += 1
-        if terms is not None:
-            window.add(terms.pop("loss"), terms)
-        if bar is not None:
-            bar.update(1)
-            if terms is not None:
-                bar.set_postfix(loss=f"{window.values['loss'][-1]:.3f}", lr=f"{state.optimizer.param_groups[0]['lr']:.2e}")
-        if state.iteration % cfg["log_period"] == 0 or state.iteration == data.stop_at:
-            record = window.record(state.iteration, epoch, state.optimizer.param_groups[0]["lr"], data.stop_at, cfg["batch_size"] * run.world)
-            metrics.write(record, prefix="train/")
-            if run.is_main:
-                logger.info("iter %d/%d epoch %d %s", state.iteration, data.stop_at, epoch,
-                            " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            window = _Window()
+        window = record_step(terms, window, bar, state.optimizer, state.iteration, epoch, data.stop_at, run, metrics)
         if state.iteration % cfg["checkpoint_period"] == 0 and run.is_main:
             state.save(run.out / "checkpoint.pth", epoch=epoch, cfg=cfg, category_mapping=data.category_mapping)
         if state.iteration >= data.stop_at:

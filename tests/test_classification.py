@@ -34,13 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("cat", "dog", "fox")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one intra-op thread is faster, and it does not fight other processes for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_image(path: Path, colour: int, seed: int, size: int = 24) -> None:

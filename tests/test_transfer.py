@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from detection.transfer import ARMS, run_transfer_demo
 
@@ -18,12 +17,7 @@ CLS = ["shapes_train=6", "shapes_val=2", "shapes_size=64", "shapes_crop_size=32"
        "val_crop_size=32", "batch_size=4", "workers=0", "epochs=1", "max_iters=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_both_arms_run_and_are_timed_from_their_start(tmp_path, monkeypatch):

@@ -26,14 +26,11 @@ Policy for bad input (each case is tested):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import logging
 import math
-import multiprocessing
 import os
-from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -42,6 +39,8 @@ import torch
 import pycocotools.mask as mask_util
 from PIL import Image
 from pycocotools.coco import COCO
+
+from .skips import SkippingDataset
 
 __all__ = [
     "AnnotationError",
@@ -212,7 +211,7 @@ def _fill_defaults(data: dict[str, Any], ann_file: Path) -> None:
         )
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class CocoDetection(SkippingDataset):
     """COCO-format detection data set for torchvision detectors.
 
     Annotations are parsed and validated once, at construction; targets are
@@ -303,11 +302,7 @@ class CocoDetection(torch.utils.data.Dataset):
             (int(self.coco.imgs[i]["height"]), int(self.coco.imgs[i]["width"])) for i in self.ids
         ]
 
-        # Shared memory without locks (a lock from one start method cannot travel to
-        # workers of another): one DataLoader worker at a time handles an index, so
-        # per-index flags and counters need no lock.
-        self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.ids))
-        self._skips = multiprocessing.RawArray(ctypes.c_int32, len(self.ids))
+        self._init_skips(len(self.ids))
 
     def _build_record(self, image_id: int) -> tuple[dict[str, Any], int, int]:
         info = self.coco.imgs[image_id]
@@ -359,18 +354,9 @@ class CocoDetection(torch.utils.data.Dataset):
         return self.img_dir / self.coco.imgs[self.ids[index]]["file_name"]
 
     @property
-    def num_skipped(self) -> int:
-        """Samples skipped since the last :meth:`reset_skipped`, across worker processes."""
-        return int(np.frombuffer(self._skips, dtype=np.int32).sum())
-
-    @property
     def skipped_files(self) -> list[str]:
         """Files found unusable so far (each was warned about once)."""
         return [str(self.image_path(i)) for i, bad in enumerate(self._bad) if bad]
-
-    def reset_skipped(self) -> None:
-        """Reset :attr:`num_skipped` (bad files stay known and are not warned about again)."""
-        np.frombuffer(self._skips, dtype=np.int32)[:] = 0
 
     def _mark_bad(self, index: int, reason: str) -> None:
         self._bad[index] = True
@@ -392,15 +378,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n = len(self.ids)
-        for step in range(n):
-            i = (index + step) % n
-            image = None if self._bad[i] else self._read(i)
-            if image is not None:
-                return self._sample(i, image)
-            if step == 0:
-                self._skips[i] += 1
-        raise RuntimeError(f"no readable image in {self.img_dir}: all {n} images of {self.ann_file} failed to load")
+        return self._sample(*self._first_readable(index))
+
+    def _nothing_readable(self) -> str:
+        return f"no readable image in {self.img_dir}: all {len(self.ids)} images of {self.ann_file} failed to load"
 
     def _sample(self, index: int, image: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self._records[index]
@@ -436,23 +417,6 @@ class CocoDetection(torch.utils.data.Dataset):
         target["image_id"] = torch.tensor(self.ids[index], dtype=torch.int64)
         target["iscrowd"] = torch.zeros(len(target["labels"]), dtype=torch.int64)
         return image_t, {k: target[k] for k in ("boxes", "labels", "image_id", "area", "iscrowd", "masks") if k in target}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        # Shared counters travel as shared memory only to processes being started
-        # (DataLoader workers); any other pickling (deepcopy, torch.save) gets copies.
-        if get_spawning_popen() is None:
-            state["_bad"] = np.frombuffer(self._bad, dtype=np.bool_).copy()
-            state["_skips"] = np.frombuffer(self._skips, dtype=np.int32).copy()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for key, ctype in (("_bad", ctypes.c_bool), ("_skips", ctypes.c_int32)):
-            if isinstance(state[key], np.ndarray):
-                shared = multiprocessing.RawArray(ctype, len(state[key]))
-                np.frombuffer(shared, dtype=state[key].dtype)[:] = state[key]
-                state[key] = shared
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

@@ -32,13 +32,8 @@ hold no object, so a trunk pretrained on it has seen the detection data's own pi
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import os
-import shutil
-import tempfile
-from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,7 +43,8 @@ import torch
 
 from detection.data import shapes
 from detection.data.coco import read_image_rgb
-from detection.data.roots import DataPathError
+from detection.data.roots import DataPathError, generate_atomically
+from detection.data.skips import SkippingDataset
 
 __all__ = [
     "BACKGROUND_CLASS",
@@ -105,7 +101,7 @@ def _scan(split_dir: Path) -> tuple[list[str], dict[str, list[str]], list[str]]:
     return classes, files, ignored
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(SkippingDataset):
     """One split of an ImageFolder tree; items are ``(image, label)``.
 
     Args:
@@ -162,8 +158,7 @@ class ImageFolder(torch.utils.data.Dataset):
             shown = ", ".join(ignored[:3]) + (f", ... (+{len(ignored) - 3})" if len(ignored) > 3 else "")
             logger.warning("%s: skipped %d files that are not images in class folders: %s", self.split_dir, len(ignored), shown)
         self.missing_classes = [name for name in self.classes if name not in files]
-        self._bad = multiprocessing.RawArray(ctypes.c_bool, len(self.samples))
-        self._skips = multiprocessing.RawArray(ctypes.c_int32, len(self.samples))
+        self._init_skips(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,15 +167,6 @@ class ImageFolder(torch.utils.data.Dataset):
     def targets(self) -> list[int]:
         """The label of every sample, in order."""
         return [label for _, label in self.samples]
-
-    @property
-    def num_skipped(self) -> int:
-        """Samples skipped since the last :meth:`reset_skipped`, across worker processes."""
-        return int(np.frombuffer(self._skips, dtype=np.int32).sum())
-
-    def reset_skipped(self) -> None:
-        """Reset :attr:`num_skipped` (bad files stay known and are not warned about again)."""
-        np.frombuffer(self._skips, dtype=np.int32)[:] = 0
 
     def _read(self, index: int) -> torch.Tensor | None:
         path = self.samples[index][0]
@@ -194,31 +180,11 @@ class ImageFolder(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy of PIL's read-only buffer
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.samples)
-        for step in range(n):
-            i = (index + step) % n
-            image = None if self._bad[i] else self._read(i)
-            if image is not None:
-                return (self.transform(image) if self.transform is not None else image), self.samples[i][1]
-            if step == 0:
-                self._skips[i] += 1
-        raise RuntimeError(f"no readable image in {self.split_dir}: all {n} files failed to load")
+        i, image = self._first_readable(index)
+        return (self.transform(image) if self.transform is not None else image), self.samples[i][1]
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        # Shared counters travel as shared memory only to processes being started (DataLoader workers).
-        if get_spawning_popen() is None:
-            state["_bad"] = np.frombuffer(self._bad, dtype=np.bool_).copy()
-            state["_skips"] = np.frombuffer(self._skips, dtype=np.int32).copy()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for key, ctype in (("_bad", ctypes.c_bool), ("_skips", ctypes.c_int32)):
-            if isinstance(state[key], np.ndarray):
-                shared = multiprocessing.RawArray(ctype, len(state[key]))
-                np.frombuffer(shared, dtype=state[key].dtype)[:] = state[key]
-                state[key] = shared
-        self.__dict__.update(state)
+    def _nothing_readable(self) -> str:
+        return f"no readable image in {self.split_dir}: all {len(self.samples)} files failed to load"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(getattr(self, 'samples', []))})"
@@ -394,18 +360,9 @@ def prepare_cls_data_root(cfg: dict[str, Any], *, is_main: bool = True, barrier:
         return root
     root = shapes_cls_cache_dir(cfg)
     if is_main and not (root / "val").is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        # Generate beside the target and rename, so an interrupted run never leaves half a data set.
-        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-        try:
-            logger.info("generating the shapes classification set in %s", root)
-            generate_shapes_classification(tmp, num_train=cfg["shapes_train"], num_val=cfg["shapes_val"],
-                                           image_size=cfg["shapes_size"], crop_size=cfg["shapes_crop_size"], seed=cfg["shapes_seed"])
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("generating the shapes classification set in %s", root)
+        generate_atomically(root, lambda tmp: generate_shapes_classification(
+            tmp, num_train=cfg["shapes_train"], num_val=cfg["shapes_val"], image_size=cfg["shapes_size"],
+            crop_size=cfg["shapes_crop_size"], seed=cfg["shapes_seed"]))
     barrier()
     return root

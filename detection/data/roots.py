@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from detection.data import shapes
 
-__all__ = ["DataPathError", "evaluation_data", "find_splits", "prepare_data_root", "shapes_cache_dir"]
+__all__ = ["DataPathError", "evaluation_data", "find_splits", "generate_atomically", "prepare_data_root", "shapes_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,27 @@ def evaluation_data(cfg: dict[str, Any], *, data_path: str | None = None, split:
     return root, _pick(root, split or (cfg["val_split"] if same else None), "val", "--split")
 
 
+def generate_atomically(root: Path, generate: Callable[[Path], Any]) -> None:
+    """Write a generated data set to ``root`` so that an interrupted run never leaves half of one.
+
+    ``generate`` fills a fresh folder beside ``root``, which then replaces ``root``.
+
+    Args:
+        root: the data set's folder (replaced when it exists).
+        generate: writes the data set into the folder it is given.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    try:
+        generate(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_data_root(cfg: dict[str, Any], *, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> tuple[Path, str, str]:
     """Return ``(root, train_split, val_split)``; generates the shapes set once when no data path is set.
 
@@ -116,17 +137,8 @@ def prepare_data_root(cfg: dict[str, Any], *, is_main: bool = True, barrier: Cal
         return (root, *find_splits(root, cfg["train_split"], cfg["val_split"]))
     root = shapes_cache_dir(cfg)
     if is_main and not (root / "annotations" / "instances_val.json").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        # Generate beside the target and rename, so an interrupted run never leaves half a data set.
-        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-        try:
-            logger.info("generating the shapes data set in %s", root)
-            shapes.generate(tmp, num_train=cfg["shapes_train"], num_val=cfg["shapes_val"], image_size=cfg["shapes_size"], seed=cfg["shapes_seed"])
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("generating the shapes data set in %s", root)
+        generate_atomically(root, lambda tmp: shapes.generate(tmp, num_train=cfg["shapes_train"], num_val=cfg["shapes_val"],
+                                                              image_size=cfg["shapes_size"], seed=cfg["shapes_seed"]))
     barrier()
     return root, "train", "val"
