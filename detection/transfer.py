@@ -100,13 +100,13 @@ def run_transfer_demo(
     if unknown:
         raise ValueError(f"arms must be among {list(ARMS)}, got {unknown}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scratch_cfg = apply_overrides(load_config(scratch_recipe), [*SCRATCH_SET, *scratch_set], output_dir=str(out / "scratch"))
     cls_cfg = apply_overrides(load_config(pretrain_recipe, schema=CLASSIFICATION), pretrain_set, schema=CLASSIFICATION,
                               data_path=str(out / "shapes_cls"), output_dir=str(out / "pretrain"))
     ft_cfg = apply_overrides(load_config(finetune_recipe), finetune_set, output_dir=str(out / "finetune"),
                              weights_backbone=str(out / "pretrain" / "model_final.pth"))
     summary: dict[str, Any] = {}
+    out.mkdir(parents=True, exist_ok=True)  # after the configs are checked: a bad override leaves nothing behind
     with log_to_file(out / "log.txt"):
         # Shared by both arms, so outside both clocks.
         for cfg in (scratch_cfg, ft_cfg):

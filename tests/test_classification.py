@@ -383,6 +383,7 @@ def test_preflight_finds_the_imagenet_file_before_any_work(tmp_path, monkeypatch
         (["tools/train_cls.py", "--resume", "--output-dir", "/nonexistent/run"], "nothing to resume: no checkpoint at /nonexistent/run/checkpoint.pth"),
         (["tools/eval_cls.py", "--weights", "/nonexistent.pth"], "checkpoint file not found: /nonexistent.pth"),
         (["tools/eval_cls.py", "--weights", "imagenet"], "--weights imagenet needs --backbone resnet18 or resnet34"),
+        (["tools/eval_cls.py", "--weights", "imagenet", "--backbone", "resnet18", "--workers", "-1"], "--workers must be 0 (load in this process) or more, got -1"),
     ],
 )
 def test_bad_invocations_are_one_error_line_and_exit_2(args, message, tmp_path):

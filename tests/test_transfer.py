@@ -56,3 +56,14 @@ def test_the_tools_arm_choices_are_the_demos_arms():
     spec.loader.exec_module(tool)
     assert tool.ARM_NAMES == list(ARMS)
     assert tool.parse_args([]).arms == list(ARMS)
+
+
+def test_a_bad_override_is_an_error_before_anything_is_written(tmp_path):
+    from detection.config import ConfigError
+
+    for kwargs in ({"scratch_set": ["lr=fast"]}, {"pretrain_set": ["epochs=0"]}, {"finetune_set": ["trainable_layers=9"]}):
+        with pytest.raises(ConfigError):
+            run_transfer_demo(tmp_path / "demo", progress=False, **kwargs)
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(ValueError, match="arms must be among"):
+        run_transfer_demo(tmp_path / "demo", arms=["both"], progress=False)

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if args.workers < 0:
+            raise ConfigError(f"--workers must be 0 (load in this process) or more, got {args.workers}")
         device = resolve_device(args.device)
         model, classes, described = load_classifier_weights(args.weights, backbone=args.backbone)
         trained = getattr(model, "train_config", None) or {}  # the training config, for train_cls.py files
