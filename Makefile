@@ -31,7 +31,9 @@ pretrain-demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/benchmark.py
 
+# The docs pages first (seconds; --strict fails on a broken link or anchor), then the test suite.
 test: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet -d site
 	$(PY) -m pytest -q
 
 # Needs one CUDA GPU: the CUDA tests, a 300-iteration CUDA training + evaluation, latency/memory, the CUDA benchmark;
