@@ -199,10 +199,19 @@ def format_metrics(metrics: Mapping[str, float | None]) -> str:
 
 
 def format_per_category(table: Mapping[str, float], iou_type: str) -> str:
-    """A two-column text table of per-category AP."""
-    width = max([len(n) for n in table] + [8])
+    """A two-column text table of per-category AP, aligned as a terminal shows it.
+
+    Names are padded by display width: wide characters (Chinese, Japanese, Korean)
+    take two columns, combining marks none.
+    """
+    import unicodedata
+
+    def cols(text: str) -> int:
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    width = max([cols(n) for n in table] + [8])
     lines = [f"{'category':<{width}}  {iou_type} AP", f"{'-' * width}  {'-' * 7}"]
-    lines += [f"{name:<{width}}  {ap:7.2f}" for name, ap in table.items()]
+    lines += [f"{name}{' ' * (width - cols(name))}  {ap:7.2f}" for name, ap in table.items()]
     return "\n".join(lines)
 
 

@@ -139,7 +139,10 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
             raise ValueError(f"a tensor image must be float CHW with 3 channels in [0, 1], got {image.dtype} {tuple(image.shape)}")
         return image
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        return image_to_tensor(np.asarray(image.convert("RGB")))
+        from PIL import ImageOps
+
+        # Upright, as a path is read: Image.open keeps the EXIF orientation tag unapplied.
+        return image_to_tensor(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
@@ -210,6 +213,11 @@ class Predictor:
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
         """Detect objects.
+
+        Paths and PIL images are turned upright by their EXIF orientation tag (as
+        phones save photos), so boxes are in the picture as viewers show it; arrays
+        and tensors are taken as given (``np.asarray(Image.open(p))`` keeps the stored
+        frame: read with ``detection.data.read_image_rgb(p)`` to get it upright).
 
         Args:
             images: one image (a path, a PIL image, an H x W x 3 uint8 RGB array or a

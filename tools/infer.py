@@ -5,13 +5,17 @@
     python tools/infer.py --checkpoint model.onnx --input images/ --output vis/          # ONNX Runtime
 
 Writes one PNG per input, named after the whole file name (``a.jpg`` -> ``a.jpg.png``, so
-``a.jpg`` and ``a.png`` never overwrite each other), and detections.json.
+``a.jpg`` and ``a.png`` never overwrite each other), and detections.json. A folder is walked
+with its subfolders; outputs keep the relative path (``images/batch1/x.jpg`` ->
+``vis/batch1/x.jpg.png``, key ``batch1/x.jpg`` in detections.json). Photos are drawn upright
+(their EXIF orientation tag is applied) and boxes are in that frame.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
     p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
-    p.add_argument("--input", required=True, help="an image file or a folder of images (any format PIL reads)")
-    p.add_argument("--output", required=True, help="folder for the PNGs and detections.json")
+    p.add_argument("--input", required=True, help="an image file or a folder of images, subfolders included (any format PIL reads)")
+    p.add_argument("--output", required=True, help="folder for the PNGs and detections.json (made when there is something to write)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", choices=list(DEVICES), default="auto")
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
@@ -32,18 +36,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _image_files(src: Path) -> list[Path]:
+def _check_output(out: Path) -> None:
+    """``out`` must be a folder or becomable one: no file at it or at any folder above it."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" ({path} is a file)"
+                raise ValueError(f"--output {out} cannot be a folder{where}: pass a folder for the PNGs and detections.json")
+            return
+
+
+def _image_files(src: Path, out_dir: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """``(file, name)`` for every image under ``src`` by extension, subfolders included, and what was left out.
+
+    ``name`` is the path relative to ``src`` (the file name for a single file). Hidden files and
+    folders and the output folder (when it lies inside ``src``) are not walked.
+    """
     from PIL import Image
 
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
     if src.is_file():
-        return [src]
+        try:
+            with Image.open(src):
+                pass
+        except Exception as e:  # noqa: BLE001  (PIL raises several types for files that are not images)
+            raise ValueError(f"--input {src} is not an image PIL can read ({type(e).__name__}: {e})") from None
+        return [(src, src.name)], []
     if not src.is_dir():
         raise FileNotFoundError(f"input {src} does not exist")
-    paths = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in readable)
-    if not paths:
-        raise FileNotFoundError(f"no images PIL can read in {src}")
-    return paths
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    out_resolved = out_dir.resolve()
+    found: list[tuple[Path, str]] = []
+    left_out: list[str] = []
+    for folder, dirs, files in os.walk(src):
+        here = Path(folder)
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith(".") or (here / d).resolve() == out_resolved:
+                left_out.append((here / d).relative_to(src).as_posix() + "/")
+            else:
+                kept.append(d)
+        dirs[:] = kept  # os.walk descends only into these, in this order
+        for name in sorted(files):
+            rel = (here / name).relative_to(src).as_posix()
+            if name.startswith(".") or Path(name).suffix.lower() not in readable:
+                left_out.append(rel)
+            else:
+                found.append((here / name, rel))
+    if not found:
+        raise FileNotFoundError(f"no images PIL can read in {src} or its subfolders")
+    return found, left_out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     from detection.visualize import draw_detections, save_image
 
     setup_logging()
+    out_dir = Path(args.output)
     try:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
-        paths = _image_files(Path(args.input))
+        _check_output(out_dir)
+        paths, left_out = _image_files(Path(args.input), out_dir)
         exported = args.runtime not in (None, "torch") or Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES
         if exported and args.device == "cuda":
             raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
@@ -68,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        print(f"{args.input}: {len(paths)} images; left out {len(left_out)} entries that are not images by their "
+              f"extension, hidden, or the output folder: {shown}")
     results = {}
-    for path in paths:
+    for path, name in paths:
         try:
             image = image_to_tensor(read_image_rgb(path))
         except Exception as e:  # noqa: BLE001  (PIL raises several types for corrupt files)
@@ -79,18 +130,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         prediction = predictor(image)
         picture = draw_detections(image, prediction.raw, predictor.class_names, score_thresh=args.score_thresh)
-        save_image(picture, out_dir / f"{path.name}.png")
-        results[path.name] = prediction.to_list()
+        save_image(picture, out_dir / f"{name}.png")  # makes the folders it needs
+        results[name] = prediction.to_list()
         if len(prediction):
-            print(f"{path.name}: {len(prediction)} detections")
+            print(f"{name}: {len(prediction)} detections")
         else:
             best = float(prediction.raw["scores"].max()) if len(prediction.raw["scores"]) else None
             hint = f"highest score {best:.3f}" if best is not None else "the model returned no candidates"
-            print(f"{path.name}: 0 detections at --score-thresh {args.score_thresh} ({hint})")
+            print(f"{name}: 0 detections at --score-thresh {args.score_thresh} ({hint})")
     if not results:
         print(f"error: none of the {len(paths)} inputs could be read as an image", file=sys.stderr)
         return 2
-    (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
+    _write_atomically(out_dir / "detections.json", json.dumps(results, indent=1, ensure_ascii=False))
     print(f"wrote {len(results)} images to {out_dir}")
     return 0
 

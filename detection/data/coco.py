@@ -21,23 +21,37 @@ Policy for bad input (each case is tested):
   readable index instead, a logged warning names the file once per run, and :attr:`CocoDetection.num_skipped` counts the skips (shared by
   DataLoader workers).
 - Grayscale, RGBA, palette and 16-bit images are converted to RGB uint8.
+- EXIF orientation (phone photos): an image is used in the frame its JSON
+  ``height``/``width`` describe. Where the tag swaps height and width and the
+  image is not square, the size decides: the image is turned upright when
+  the JSON holds the upright size, kept as stored when it holds the stored
+  size. Where the size cannot tell (square images, flips and 180° turns),
+  ``exif_transpose`` decides: ``True`` (default, as annotation tools and
+  detectron2 show images) turns them upright, ``False`` keeps stored pixels
+  (data sets annotated on the pixels as stored). :attr:`CocoDetection.num_rotated`
+  counts the images turned upright and :meth:`CocoDetection.orientation_summary`
+  says it in one line; a warning names the option once when an image's size
+  contradicts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import logging
 import math
+import multiprocessing
 import os
+from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import pycocotools.mask as mask_util
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from pycocotools.coco import COCO
 
 from .skips import SkippingDataset
@@ -46,9 +60,11 @@ __all__ = [
     "AnnotationError",
     "CocoDetection",
     "cat_id_to_label_from_mapping",
+    "exif_orientation",
     "image_to_tensor",
     "label_to_cat_id_from_mapping",
     "read_image_rgb",
+    "upright_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,16 +78,56 @@ class AnnotationError(ValueError):
     """A COCO annotation file that cannot be used; the message names the file and the entry."""
 
 
-def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image file as RGB uint8 (H x W x 3), whatever its mode.
+# EXIF orientations (2..8) whose upright image has height and width swapped.
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation tag, 1 (as stored) when it has none or an invalid one.
+
+    Args:
+        image: an opened PIL image.
+    """
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(height, width)`` of an image once its EXIF ``orientation`` is applied.
+
+    Args:
+        stored: ``(height, width)`` of the pixels as stored.
+        orientation: the EXIF orientation tag (1..8).
+    """
+    return (stored[1], stored[0]) if orientation in _SWAPS_AXES else stored
+
+
+def _as_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image).astype(np.int64)
+        if image.mode == "I" and values.max(initial=0) <= 255:
+            gray = values.astype(np.uint8)
+        else:
+            gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def read_image_rgb(path: str | os.PathLike[str], *, exif_transpose: bool = True) -> np.ndarray:
+    """Read an image file as RGB uint8 (H x W x 3), whatever its mode, upright.
 
     PIL is used rather than OpenCV: OpenCV returns a grey-filled image for a
-    truncated JPEG (it only prints to stderr), where PIL raises. EXIF
-    orientation is not applied, as in pycocotools and torchvision: COCO
-    annotations refer to the stored pixels.
+    truncated JPEG (it only prints to stderr), where PIL raises. The EXIF
+    orientation tag is applied (``PIL.ImageOps.exif_transpose``), as detectron2
+    does and as viewers and annotation tools show photos: a phone photo comes
+    out the way it was taken.
 
     Args:
         path: image file.
+        exif_transpose: apply the EXIF orientation tag; ``False`` returns the
+            pixels as stored.
 
     Returns:
         The image array. Grayscale and palette images are expanded, alpha is
@@ -83,16 +139,9 @@ def read_image_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """
     with Image.open(path) as image:
         image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            values = np.asarray(image).astype(np.int64)
-            if image.mode == "I" and values.max(initial=0) <= 255:
-                gray = values.astype(np.uint8)
-            else:
-                gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-            return np.repeat(gray[:, :, None], 3, axis=2)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.asarray(image)
+        if exif_transpose and exif_orientation(image) != 1:
+            return _as_rgb_array(ImageOps.exif_transpose(image))
+        return _as_rgb_array(image)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -249,6 +298,11 @@ class CocoDetection(SkippingDataset):
             converts the image to a tensor, keeping its size.
         masks: also return instance masks decoded from polygons or RLE.
         drop_empty: leave out images with no usable object (for training).
+        exif_transpose: where an image's size cannot tell which frame its
+            annotations are in (square images, flips, 180° turns), apply its
+            EXIF orientation tag (``True``, annotated as viewers show photos)
+            or keep the pixels as stored (``False``, annotated on stored
+            pixels). A size that tells wins over this option, with a warning.
     """
 
     def __init__(
@@ -259,6 +313,7 @@ class CocoDetection(SkippingDataset):
         transforms: Transform | None = None,
         masks: bool = False,
         drop_empty: bool = False,
+        exif_transpose: bool = True,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -267,6 +322,8 @@ class CocoDetection(SkippingDataset):
         self.transforms = transforms
         self.masks = masks
         self.drop_empty = drop_empty
+        self.exif_transpose = exif_transpose
+        self._warned_frame = False
 
         data = _load_annotations(self.ann_file)
         if not self.img_dir.is_dir():
@@ -303,6 +360,8 @@ class CocoDetection(SkippingDataset):
         ]
 
         self._init_skips(len(self.ids))
+        # Per image, once read: 0 no orientation tag (or not read yet), 1 turned upright, 2 kept as stored.
+        self._oriented = multiprocessing.RawArray(ctypes.c_int8, len(self.ids))
 
     def _build_record(self, image_id: int) -> tuple[dict[str, Any], int, int]:
         info = self.coco.imgs[image_id]
@@ -364,18 +423,75 @@ class CocoDetection(SkippingDataset):
 
     def _read(self, index: int) -> np.ndarray | None:
         path = self.image_path(index)
+        expected = self.image_sizes[index]
         try:
-            image = read_image_rgb(path)
+            with Image.open(path) as pil:
+                pil.load()
+                orientation = exif_orientation(pil)
+                stored = (pil.height, pil.width)
+                upright = orientation != 1 and self._upright(index, stored, orientation)
+                image = _as_rgb_array(ImageOps.exif_transpose(pil) if upright else pil)
         # PIL raises many exception types for corrupt files (OSError, SyntaxError,
         # struct.error, ...); any failure to decode means the file is bad input.
         except Exception as exc:  # noqa: BLE001
             self._mark_bad(index, f"{type(exc).__name__}: {exc}")
             return None
-        if image.shape[:2] != self.image_sizes[index]:
-            expected = self.image_sizes[index]
-            self._mark_bad(index, f"decoded size {image.shape[:2]} differs from (height, width) {expected} in {self.ann_file}")
+        if image.shape[:2] != expected:
+            tag = ""
+            if orientation != 1:
+                tag = f" (EXIF orientation {orientation}: {stored} as stored, {upright_size(stored, orientation)} upright)"
+            self._mark_bad(index, f"decoded size {image.shape[:2]}{tag} differs from (height, width) {expected} in {self.ann_file}")
             return None
+        if orientation != 1:
+            self._oriented[index] = 1 if upright else 2
         return image
+
+    def _upright(self, index: int, stored: tuple[int, int], orientation: int) -> bool:
+        """Whether to apply the orientation tag: the JSON size decides when it can, else ``exif_transpose``."""
+        turned = upright_size(stored, orientation)
+        expected = self.image_sizes[index]
+        if turned == stored or expected not in (turned, stored):
+            return self.exif_transpose
+        upright = expected == turned
+        if upright != self.exif_transpose and not self._warned_frame:
+            self._warned_frame = True
+            frame, option = ("upright", "true") if upright else ("as stored", "false")
+            logger.warning(
+                "%s: its (height, width) %s in %s is the image %s, against exif_transpose=%s; used it %s. "
+                "Images whose size cannot tell (square ones, flips, 180-degree turns) follow exif_transpose: "
+                "set it to %s if the data set was annotated on images %s",
+                self.image_path(index), expected, self.ann_file, frame, self.exif_transpose, frame, option, frame,
+            )
+        return upright
+
+    @property
+    def num_rotated(self) -> int:
+        """Images turned upright by their EXIF orientation tag so far, across DataLoader workers."""
+        return int((np.frombuffer(self._oriented, dtype=np.int8) == 1).sum())
+
+    def orientation_summary(self) -> str | None:
+        """One line on the images read so far that carry an EXIF orientation tag; ``None`` when none did."""
+        flags = np.frombuffer(self._oriented, dtype=np.int8)
+        rotated, kept = int((flags == 1).sum()), int((flags == 2).sum())
+        if not rotated and not kept:
+            return None
+        return (
+            f"{self.ann_file}: {rotated} images turned upright by their EXIF orientation tag, {kept} with a tag kept "
+            f"as stored (exif_transpose={self.exif_transpose}; a size that tells the frame wins)"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if get_spawning_popen() is None:  # as SkippingDataset does for its counters
+            state["_oriented"] = np.frombuffer(self._oriented, dtype=np.int8).copy()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("_oriented"), np.ndarray):
+            shared = multiprocessing.RawArray(ctypes.c_int8, len(state["_oriented"]))
+            np.frombuffer(shared, dtype=np.int8)[:] = state["_oriented"]
+            state["_oriented"] = shared
+        super().__setstate__(state)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self._sample(*self._first_readable(index))
@@ -421,5 +537,5 @@ class CocoDetection(SkippingDataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
-            f"classes={self.num_classes - 1}, masks={self.masks}, drop_empty={self.drop_empty})"
+            f"classes={self.num_classes - 1}, masks={self.masks}, drop_empty={self.drop_empty}, exif_transpose={self.exif_transpose})"
         )
