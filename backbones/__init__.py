@@ -1,6 +1,6 @@
 """ResNet-18/34 trunks and feature-pyramid backbones with torchvision's names."""
 
-from .resnet import BasicBlock, FeatureInfo, ResNet, resnet, resnet18, resnet34
+from .resnet import BasicBlock, FeatureInfo, ResNet, freeze_trunk, resnet, resnet18, resnet34
 from .weights import IMAGENET_WEIGHTS, LoadReport, WeightsError, load_pretrained
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "LoadReport",
     "ResNet",
     "WeightsError",
+    "freeze_trunk",
     "load_pretrained",
     "resnet",
     "resnet18",

@@ -10,7 +10,9 @@ and MMDetection keep tripping over:
   ``feature_info`` do), so heads and anchor generators size themselves;
 * freezing follows the weights: a pretrained trunk gets FrozenBatchNorm2d and three
   trainable stages, a random trunk gets BatchNorm2d and every stage trainable
-  (torchvision's ``resnet_fpn_backbone`` freezes random layers when given no weights).
+  (torchvision's ``resnet_fpn_backbone`` freezes random layers when given no weights);
+* a dilated trunk (``replace_stride_with_dilation``) makes a pyramid whose top levels
+  share a stride, and ``feature_info`` says so (strides never shrink, as timm asserts).
 """
 
 import logging
@@ -21,7 +23,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from .resnet import DEPTHS, FeatureInfo, NormLayer, ResNet, resnet
+from .resnet import DEPTHS, FeatureInfo, NormLayer, ResNet, freeze_trunk, resnet
 from .weights import LoadReport, Source, load_pretrained
 
 __all__ = ["ResNetFPN", "resnet_fpn", "resnet18_fpn", "resnet34_fpn", "EXTRA_BLOCKS"]
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 
 ExtraBlocks = Literal["pool", "p6p7"] | None
 EXTRA_BLOCKS = ("pool", "p6p7", None)
-_TRAINABLE_ORDER = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
 class ResNetFPN(BackboneWithFPN):
@@ -88,8 +89,9 @@ class ResNetFPN(BackboneWithFPN):
             p6 = last * extra.p6.stride[0]
             info += [FeatureInfo("p6", channels, p6), FeatureInfo("p7", channels, p6 * extra.p7.stride[0])]
         strides = [f.stride for f in info]
-        if any(b <= a for a, b in zip(strides, strides[1:])):
-            raise AssertionError(f"pyramid strides must increase level to level, got {strides}")
+        # A dilated trunk repeats a stride (levels at 4, 8, 8, 8); a stride never shrinks.
+        if any(b < a for a, b in zip(strides, strides[1:])):
+            raise AssertionError(f"pyramid strides must not decrease level to level, got {strides}")
         return info
 
     @property
@@ -107,15 +109,6 @@ class ResNetFPN(BackboneWithFPN):
         return self.fpn(self.body(x))
 
 
-def _freeze(trunk: nn.Module, trainable_layers: int) -> None:
-    layers_to_train = _TRAINABLE_ORDER[:trainable_layers]
-    if trainable_layers == 5:
-        layers_to_train.append("bn1")
-    for name, param in trunk.named_parameters():
-        if not any(name.startswith(layer) for layer in layers_to_train):
-            param.requires_grad_(False)
-
-
 def resnet_fpn(
     depth: int,
     *,
@@ -126,6 +119,7 @@ def resnet_fpn(
     out_channels: int = 256,
     norm_layer: NormLayer | None = None,
     download: bool = True,
+    replace_stride_with_dilation: Sequence[bool] | None = None,
 ) -> ResNetFPN:
     """Build a ResNet-18/34 feature-pyramid backbone.
 
@@ -147,6 +141,9 @@ def resnet_fpn(
         norm_layer: trunk normalisation. Default FrozenBatchNorm2d with weights,
             BatchNorm2d without.
         download: for ``weights="imagenet"``, fetch the file when it is not cached.
+        replace_stride_with_dilation: three booleans for ``layer2``..``layer4`` (see
+            ``backbones.ResNet``): dilated stages keep the stride of the stage below,
+            and ``feature_info`` reports it. ``None``: no dilation.
 
     Returns:
         A ``ResNetFPN`` whose forward returns an ``OrderedDict`` of pyramid levels.
@@ -169,11 +166,11 @@ def resnet_fpn(
     if norm_layer is None:
         norm_layer = FrozenBatchNorm2d if weights is not None else nn.BatchNorm2d
 
-    trunk = resnet(depth, norm_layer=norm_layer)
+    trunk = resnet(depth, norm_layer=norm_layer, replace_stride_with_dilation=replace_stride_with_dilation)
     report = None
     if weights is not None:
         report = load_pretrained(trunk, weights, download=download)  # logs its report
-    _freeze(trunk, trainable_layers)
+    freeze_trunk(trunk, trainable_layers)
     model = ResNetFPN(trunk, returned, out_channels, extra_blocks)
     model.load_report = report
     return model
@@ -188,11 +185,13 @@ def resnet18_fpn(
     out_channels: int = 256,
     norm_layer: NormLayer | None = None,
     download: bool = True,
+    replace_stride_with_dilation: Sequence[bool] | None = None,
 ) -> ResNetFPN:
     """ResNet-18 feature-pyramid backbone. Args as in ``resnet_fpn``."""
     return resnet_fpn(
         18, weights=weights, trainable_layers=trainable_layers, returned_layers=returned_layers,
         extra_blocks=extra_blocks, out_channels=out_channels, norm_layer=norm_layer, download=download,
+        replace_stride_with_dilation=replace_stride_with_dilation,
     )
 
 
@@ -205,9 +204,11 @@ def resnet34_fpn(
     out_channels: int = 256,
     norm_layer: NormLayer | None = None,
     download: bool = True,
+    replace_stride_with_dilation: Sequence[bool] | None = None,
 ) -> ResNetFPN:
     """ResNet-34 feature-pyramid backbone. Args as in ``resnet_fpn``."""
     return resnet_fpn(
         34, weights=weights, trainable_layers=trainable_layers, returned_layers=returned_layers,
         extra_blocks=extra_blocks, out_channels=out_channels, norm_layer=norm_layer, download=download,
+        replace_stride_with_dilation=replace_stride_with_dilation,
     )
