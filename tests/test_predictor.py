@@ -107,6 +107,46 @@ def test_score_thresh_filters(checkpoint: Path, picture) -> None:
     assert len(some.raw["scores"]) == len(everything)
 
 
+def test_mask_rcnn_gives_one_mask_per_kept_detection(picture) -> None:
+    torch.manual_seed(0)
+    model = build_detector(
+        "mask_rcnn", num_classes=3, min_size=64, max_size=64, out_channels=32, representation_size=64,
+        rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=100, box_score_thresh=0.0,
+    )
+    everything = Predictor(model, device="cpu", score_thresh=0.0)(picture[1])
+    cut = float(np.median(everything.scores))
+    some = Predictor(model, device="cpu", score_thresh=cut)(picture[1])
+    assert 0 < len(some) < len(everything)
+    assert some.masks is not None and some.masks.dtype == bool
+    assert some.masks.shape == (len(some), 64, 80)  # one mask per kept box, in the picture's pixels
+    # ... and they are the kept detections' masks, in the same order.
+    np.testing.assert_array_equal(some.masks, everything.masks[everything.scores >= cut])
+
+
+class _FixedDetections(torch.nn.Module):
+    """Returns the same detections for every image: scores chosen to sit exactly on a threshold."""
+
+    def __init__(self, out: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [dict(self.out) for _ in images]
+
+
+def test_a_detection_scoring_exactly_the_threshold_is_kept() -> None:
+    below = float(np.nextafter(np.float32(0.5), np.float32(0)))  # the largest float32 under 0.5
+    scores = torch.tensor([0.9, 0.5, below, 0.25], dtype=torch.float32)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 8, 8], [2, 2, 30, 30]])
+    masks = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 32, 32) / 4 + 0.1  # 0.1, 0.35, 0.6, 0.85
+    model = _FixedDetections({"boxes": boxes, "scores": scores, "labels": torch.tensor([1, 2, 1, 2]), "masks": masks})
+    pred = Predictor(model, device="cpu", score_thresh=0.5, mask_threshold=0.3)(torch.rand(3, 32, 32))
+    np.testing.assert_array_equal(pred.scores, np.array([0.9, 0.5], dtype=np.float32))
+    np.testing.assert_array_equal(pred.boxes, boxes[:2].numpy())
+    assert pred.labels.tolist() == [1, 2]
+    assert pred.masks.shape == (2, 32, 32) and not pred.masks[0].any() and pred.masks[1].all()
+
+
 @pytest.mark.parametrize(
     "bad",
     [
