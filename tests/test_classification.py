@@ -188,6 +188,30 @@ def test_ema_decay_follows_torchvisions_adjustment():
     assert build_ema(torch.nn.Linear(2, 2), {**cfg, "ema": False}, world=1) is None
 
 
+def test_ema_update_keeps_decay_of_the_average_and_the_rest_of_the_new_weights():
+    # alpha = (1 - 0.9) * 1 * 2 * 1 / 1 = 0.2: decay 0.8, far from 0.5 so an inverted decay shows.
+    cfg = {"ema": True, "ema_decay": 0.9, "ema_steps": 1, "batch_size": 2, "epochs": 1}
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = build_ema(model, cfg, world=1)
+    assert ema.decay == pytest.approx(0.8)
+    g = torch.Generator().manual_seed(0)
+
+    def randomise() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for t in (*model.parameters(), model[1].running_mean, model[1].running_var):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        return {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    old = randomise()
+    ema.update_parameters(model)  # the first update copies the weights (AveragedModel)
+    new = randomise()
+    ema.update_parameters(model)
+    averaged = ema.module.state_dict()
+    assert set(old) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    for k in old:  # buffers too: the running statistics are averaged like the weights (use_buffers)
+        torch.testing.assert_close(averaged[k], 0.8 * old[k] + 0.2 * new[k], rtol=1e-6, atol=0, msg=k)
+
+
 def test_recipes_load_and_match_torchvisions_reference():
     for depth in (18, 34):
         ref = load_config(f"cls_resnet{depth}_imagenet", schema=CLASSIFICATION)
