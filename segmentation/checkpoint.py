@@ -1,0 +1,112 @@
+"""Segmenter files: what ``save_segmenter`` writes and ``load_segmenter`` rebuilds.
+
+A **segmenter** file (``model_final.pth``) holds plain tensors and containers
+(``torch.load(..., weights_only=True)`` reads it; a checkpoint is data, never code) and
+is written atomically (a kill at any moment leaves the previous file or the new one):
+
+* ``model``: the state dict (torchvision's keys for ``deeplabv3`` / ``fcn``);
+* ``build_args``: what ``build_segmenter`` needs to rebuild the model (``arch``,
+  ``backbone``, ``num_classes``, ``output_stride``, ``aux_loss``, head options, ...);
+* ``class_names``: one name per output channel, index = label (``"__background__"``
+  first for data with a background);
+* ``format_version``, and optionally ``config`` (the training config) and ``iteration``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backbones.weights import read_checkpoint
+from detection.checkpoint import CheckpointError, atomic_save  # shared file helpers; they move to a shared layer
+
+from .models import ARCHS, rebuild_segmenter
+
+__all__ = ["FORMAT_VERSION", "SEGMENTER_KEYS", "load_segmenter", "save_segmenter"]
+
+FORMAT_VERSION = 1
+SEGMENTER_KEYS = ("model", "build_args", "class_names")
+OPTIONAL_KEYS = ("config", "iteration", "format_version")
+
+
+def save_segmenter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str],
+    config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+) -> Path:
+    """Write a segmenter file atomically.
+
+    Args:
+        model: a model from ``build_segmenter`` (possibly wrapped in DDP).
+        path: destination file.
+        class_names: one name per output channel, in label order.
+        config: the training config, for the record.
+        iteration: iterations trained.
+
+    Returns:
+        The destination path.
+    """
+    model = getattr(model, "module", model)
+    build_args = getattr(model, "build_args", None)
+    if not isinstance(build_args, Mapping):
+        raise ValueError("model has no build_args: build it with segmentation.build_segmenter to make it reloadable")
+    names = [str(n) for n in class_names]
+    if len(names) != build_args["num_classes"]:
+        raise ValueError(f"class_names has {len(names)} names for a model with num_classes={build_args['num_classes']}")
+    record: dict[str, Any] = {
+        "model": {k: v.detach() for k, v in model.state_dict().items()},
+        "build_args": dict(build_args),
+        "class_names": names,
+        "format_version": FORMAT_VERSION,
+    }
+    if config is not None:
+        record["config"] = dict(config)
+    if iteration is not None:
+        record["iteration"] = int(iteration)
+    return atomic_save(record, path)
+
+
+def load_segmenter(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a segmenter from a segmenter file.
+
+    Args:
+        checkpoint: a file written by ``save_segmenter``, or such a dict already loaded.
+        device: where to put the model.
+
+    Returns:
+        The model in eval mode, with ``model.class_names`` and ``model.train_config``
+        (the training config, or ``None``).
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a segmenter file (a detector file, a
+            classifier, or a state dict that does not fit its ``build_args``).
+    """
+    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in SEGMENTER_KEYS):
+        found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        missing = [k for k in SEGMENTER_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
+        raise CheckpointError(f"{checkpoint} is not a segmenter file (from save_segmenter): it lacks {missing} (found {found})")
+    build_args = ckpt["build_args"]
+    arch = build_args.get("arch") if isinstance(build_args, Mapping) else None
+    if arch not in ARCHS:
+        raise CheckpointError(f"{checkpoint} is not a segmenter file: its arch is {arch!r}, a segmenter's is one of {list(ARCHS)}")
+    try:
+        model = rebuild_segmenter(build_args)
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{checkpoint} does not rebuild a segmenter: {e}") from None
+    names = list(ckpt["class_names"])
+    if len(names) != build_args["num_classes"]:
+        raise CheckpointError(f"{checkpoint}: {len(names)} class names for num_classes={build_args['num_classes']}")
+    model.class_names = names
+    model.train_config = ckpt.get("config")
+    return model.to(device).eval()
