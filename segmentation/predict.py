@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
+from detection.data.coco import image_to_tensor  # shared image helper; moves to a shared layer
+
 from .checkpoint import load_segmenter
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -104,7 +106,7 @@ def _to_tensor(image: ImageInput) -> torch.Tensor:
         rgb = read_image_exif(image)
     else:
         raise TypeError(f"expected an image path, PIL image, H x W x 3 uint8 array or CHW float tensor, got {type(image).__name__}")
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    return image_to_tensor(rgb)
 
 
 class SegmentationPredictor:

@@ -332,3 +332,21 @@ def test_collate_pads_images_with_zero_and_masks_with_ignore():
     assert images.shape == (2, 3, 5, 6) and masks.shape == (2, 5, 6)
     assert (images[0, :, 4:] == 0).all() and (masks[0, 4:] == 255).all() and (masks[1, :, 3:] == 255).all()
     assert (masks[0, :4] == 2).all() and (masks[1, :, :3] == 1).all()
+
+
+@pytest.mark.parametrize("annotated_upright", [True, False])
+def test_coco_images_are_used_in_the_frame_their_annotation_describes(annotated_upright, tmp_path, one_thread):
+    # A phone photo stored sideways with EXIF orientation 6: the JSON size says which frame was annotated.
+    upright = np.zeros((20, 32, 3), np.uint8)
+    upright[:, :16] = 255
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))
+    h, w = (20, 32) if annotated_upright else (32, 20)
+    root = _write_coco(tmp_path, images=[("p.jpg", h, w)], annotations=[{"image_id": 1, "category_id": 2, "segmentation": _box(0, 0, 4, 4)}],
+                       categories=CATEGORIES)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "train" / "p.jpg", exif=exif, quality=95)
+    image, mask = CocoSegmentation(root, "train").read_sample(0)
+    assert image.shape[:2] == mask.shape == (h, w)
+    expected = upright if annotated_upright else stored
+    assert np.abs(image.astype(int) - expected).max() < 40  # JPEG noise only: the same frame
