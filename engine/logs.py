@@ -1,6 +1,6 @@
 """Logging set-up, done once by the tools: the library only calls ``logging.getLogger(__name__)``.
 
-Messages of this project's packages (``backbones``, ``detection``) go to the console
+Messages of this project's packages (``PACKAGES``) go to the console
 (through ``tqdm.write`` so progress bars stay intact) and, for a run with an output
 folder, to ``log.txt`` there; only rank 0 writes the file and prints below warnings.
 """
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 __all__ = ["PACKAGES", "setup_logging", "log_to_file"]
 
-PACKAGES = ("backbones", "detection")
+PACKAGES = ("backbones", "engine", "detection", "classification", "segmentation", "deploy")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _MARK = "_resfpn_handler"
 

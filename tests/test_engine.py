@@ -1,4 +1,4 @@
-"""The training engine's named steps, each on its own, and resume proved by the batches it sees."""
+"""The shared runner's named steps with the detection task, each on its own, and resume proved by the batches it sees."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from backbones import resnet18
-from detection import engine
+from detection import training
+from detection.training import TASK
+from engine import runner
 from detection.checkpoint import read_checkpoint, read_training_state
 from detection.config import apply_overrides, load_config
 
@@ -38,7 +40,7 @@ def _records(out: Path) -> list[dict]:
 
 def test_setup_run_resolves_auto_device_and_records_it(tmp_path):
     cfg = apply_overrides(load_config(), [], output_dir=str(tmp_path / "run"), device="auto")
-    run = engine.setup_run(cfg, progress=False)
+    run = runner.setup_run(cfg, progress=False)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert run.device.type == expected and run.is_main and run.world == 1
     saved = (tmp_path / "run" / "config.yaml").read_text()
@@ -46,8 +48,8 @@ def test_setup_run_resolves_auto_device_and_records_it(tmp_path):
 
 
 def test_build_data_plans_the_iterations(tmp_path, cache):
-    run = engine.setup_run(_cfg(tmp_path / "run", "epochs=3", "max_iters=10"), progress=False)
-    data = engine.build_data(run.cfg, run)
+    run = runner.setup_run(_cfg(tmp_path / "run", "epochs=3", "max_iters=10"), progress=False)
+    data = TASK.build_data(run.cfg, run)
     assert len(data.train_set) == 16 and len(data.val_set) == 4
     # 16 images in batches of 2, plus at most (groups - 1) split batches from aspect-ratio grouping.
     assert 8 <= data.iters_per_epoch <= 10
@@ -57,9 +59,9 @@ def test_build_data_plans_the_iterations(tmp_path, cache):
 
 
 def test_build_state_scales_lr_and_keeps_the_scaler_off_on_cpu(tmp_path, cache):
-    run = engine.setup_run(_cfg(tmp_path / "run", "lr=0.004", "lr_reference_batch=4"), progress=False)
-    data = engine.build_data(run.cfg, run)
-    state = engine.build_state(run.cfg, run, data)
+    run = runner.setup_run(_cfg(tmp_path / "run", "lr=0.004", "lr_reference_batch=4"), progress=False)
+    data = TASK.build_data(run.cfg, run)
+    state = runner.build_state(TASK, run.cfg, run, data)
     assert state.lr == pytest.approx(0.004 * 2 / 4)
     assert not state.scaler.is_enabled() and state.amp_dtype == torch.bfloat16 and state.iteration == 0
     trainable = {id(p) for p in state.model.parameters() if p.requires_grad}
@@ -67,11 +69,11 @@ def test_build_state_scales_lr_and_keeps_the_scaler_off_on_cpu(tmp_path, cache):
 
 
 def test_train_one_epoch_advances_logs_and_checkpoints(tmp_path, cache):
-    run = engine.setup_run(_cfg(tmp_path / "run", "checkpoint_period=2", "max_iters=3"), progress=False)
-    data = engine.build_data(run.cfg, run)
-    state = engine.build_state(run.cfg, run, data)
-    metrics = engine.MetricsLog(run)
-    engine.train_one_epoch(state, data, 0, run, metrics)
+    run = runner.setup_run(_cfg(tmp_path / "run", "checkpoint_period=2", "max_iters=3"), progress=False)
+    data = TASK.build_data(run.cfg, run)
+    state = runner.build_state(TASK, run.cfg, run, data)
+    metrics = runner.MetricsLog(run)
+    runner.train_one_epoch(TASK, state, data, 0, run, metrics)
     assert state.iteration == 3  # stopped by max_iters inside the epoch
     records = _records(run.out)
     assert [r["iter"] for r in records] == [1, 2, 3] and all(r["epoch"] == 0 for r in records)
@@ -80,12 +82,12 @@ def test_train_one_epoch_advances_logs_and_checkpoints(tmp_path, cache):
 
 
 def test_train_state_save_and_load_round_trip(tmp_path, cache):
-    run = engine.setup_run(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
-    data = engine.build_data(run.cfg, run)
-    state = engine.build_state(run.cfg, run, data)
-    engine.train_one_epoch(state, data, 0, run, engine.MetricsLog(run))
-    state.save(tmp_path / "state.pth", epoch=0, cfg=run.cfg, category_mapping=data.category_mapping)
-    fresh = engine.build_state(run.cfg, run, data)
+    run = runner.setup_run(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
+    data = TASK.build_data(run.cfg, run)
+    state = runner.build_state(TASK, run.cfg, run, data)
+    runner.train_one_epoch(TASK, state, data, 0, run, runner.MetricsLog(run))
+    TASK.save_checkpoint(state, data, run, tmp_path / "state.pth", epoch=0)
+    fresh = runner.build_state(TASK, run.cfg, run, data)
     fresh.load(read_training_state(tmp_path / "state.pth"))
     assert fresh.iteration == 2 and fresh.scheduler.last_epoch == state.scheduler.last_epoch == 2
     for a, b in zip(state.model.state_dict().values(), fresh.model.state_dict().values()):
@@ -100,17 +102,17 @@ def _batches(out: Path) -> list[tuple[int, list[int]]]:
 
 def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, cache):
     flags = ("epochs=2", "log_batches=true", "eval_period=0", "checkpoint_period=1")
-    straight = engine.train(_cfg(tmp_path / "straight", *flags), progress=False)
+    straight = training.train(_cfg(tmp_path / "straight", *flags), progress=False)
     total = straight["iteration"]
     # Stop a third of the way into the first epoch, then resume to the end.
     stop = total // 6
-    engine.train(_cfg(tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
+    training.train(_cfg(tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
     assert read_training_state(tmp_path / "resumed" / "checkpoint.pth")["iteration"] == stop
     # An interruption after the checkpoint leaves records of iterations that resuming redoes.
     for name, extra in (("batches.jsonl", {"epoch": 0, "image_ids": [-1, -1]}), ("metrics.jsonl", {"loss": 9.0})):
         with open(tmp_path / "resumed" / name, "a") as f:
             f.write(json.dumps({"iter": stop + 1, **extra}) + "\n" + '{"iter": ')
-    resumed = engine.train(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
+    resumed = training.train(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
     assert resumed["iteration"] == total
     expected, seen = _batches(tmp_path / "straight"), _batches(tmp_path / "resumed")
     assert [i for i, _ in seen] == list(range(1, total + 1))
@@ -127,16 +129,16 @@ def test_resume_runs_an_epoch_end_evaluation_the_stop_cut_short_once(tmp_path, c
     import shutil
 
     flags = ("epochs=2", "eval_period=1", "num_vis=0")
-    probe = engine.setup_run(_cfg(tmp_path / "probe", *flags), progress=False)
-    per_epoch = engine.build_data(probe.cfg, probe).iters_per_epoch
-    assert engine.train(_cfg(tmp_path / "a", *flags, f"max_iters={per_epoch}"), progress=False)["iteration"] == per_epoch
-    assert engine.eval_due(probe.cfg, per_epoch, per_epoch, 2 * per_epoch) and not engine.eval_due(probe.cfg, per_epoch - 1, per_epoch, 2 * per_epoch)
+    probe = runner.setup_run(_cfg(tmp_path / "probe", *flags), progress=False)
+    per_epoch = TASK.build_data(probe.cfg, probe).iters_per_epoch
+    assert training.train(_cfg(tmp_path / "a", *flags, f"max_iters={per_epoch}"), progress=False)["iteration"] == per_epoch
+    assert runner.eval_due(probe.cfg, per_epoch, per_epoch, 2 * per_epoch) and not runner.eval_due(probe.cfg, per_epoch - 1, per_epoch, 2 * per_epoch)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     # "a": stopped during the evaluation after the epoch's checkpoint (its record never written).
     kept = [r for r in _records(tmp_path / "a") if "bbox/AP" not in r]
     (tmp_path / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     for run in ("a", "b"):
-        engine.train(_cfg(tmp_path / run, *flags), resume=True, progress=False)
+        training.train(_cfg(tmp_path / run, *flags), resume=True, progress=False)
         evals = [r["iter"] for r in _records(tmp_path / run) if "bbox/AP" in r]
         assert evals == [per_epoch, 2 * per_epoch], (run, evals)
     assert "did not finish before the run stopped" in (tmp_path / "a" / "log.txt").read_text()
@@ -144,18 +146,18 @@ def test_resume_runs_an_epoch_end_evaluation_the_stop_cut_short_once(tmp_path, c
 
 
 def test_a_fresh_run_in_a_used_folder_starts_its_own_records(tmp_path):
-    run = engine.setup_run(_cfg(tmp_path / "run"), progress=False)
+    run = runner.setup_run(_cfg(tmp_path / "run"), progress=False)
     old = [{"iter": i, "loss": 1.0} for i in (1, 2, 3)]
-    for name in engine.RECORD_FILES:
+    for name in runner.RECORD_FILES:
         (run.out / name).write_text("".join(json.dumps(r) + "\n" for r in old))
-    engine.MetricsLog(run, resumed_at=2).close()
+    runner.MetricsLog(run, resumed_at=2).close()
     assert [r["iter"] for r in _records(run.out)] == [1, 2]
-    engine.MetricsLog(run).close()
-    assert not any((run.out / name).exists() for name in engine.RECORD_FILES)
+    runner.MetricsLog(run).close()
+    assert not any((run.out / name).exists() for name in runner.RECORD_FILES)
 
 
 def test_epoch_is_right_in_every_record_under_max_iters(tmp_path, cache):
-    result = engine.train(_cfg(tmp_path / "run", "epochs=2", "max_iters=3"), progress=False)
+    result = training.train(_cfg(tmp_path / "run", "epochs=2", "max_iters=3"), progress=False)
     assert result["iteration"] == 3
     records = _records(tmp_path / "run")
     assert records[-1]["iter"] == 3 and "bbox/AP" in records[-1]
@@ -166,9 +168,9 @@ def test_model_final_is_written_before_the_final_evaluation(tmp_path, cache, mon
     def broken(*args, **kwargs):
         raise KeyError("iscrowd")
 
-    monkeypatch.setattr(engine, "evaluate", broken)
-    with pytest.raises(engine.EvaluationError, match=r"KeyError: 'iscrowd'.*model_final.pth.*tools/eval_coco.py --checkpoint"):
-        engine.train(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
+    monkeypatch.setattr(training, "evaluate", broken)
+    with pytest.raises(training.EvaluationError, match=r"KeyError: 'iscrowd'.*model_final.pth.*tools/eval_coco.py --checkpoint"):
+        training.train(_cfg(tmp_path / "run", "max_iters=2"), progress=False)
     ckpt = read_checkpoint(tmp_path / "run" / "model_final.pth")
     assert ckpt["iteration"] == 2 and ckpt["category_mapping"]["names"][0] == "circle"
 
@@ -176,7 +178,7 @@ def test_model_final_is_written_before_the_final_evaluation(tmp_path, cache, mon
 def test_log_file_gets_the_load_report_once_and_parameter_counts(tmp_path, cache):
     weights = tmp_path / "trunk.pth"
     torch.save({"state_dict": resnet18(num_classes=7).state_dict()}, weights)
-    engine.train(_cfg(tmp_path / "run", "max_iters=1", f"weights_backbone={weights}"), progress=False)
+    training.train(_cfg(tmp_path / "run", "max_iters=1", f"weights_backbone={weights}"), progress=False)
     log = (tmp_path / "run" / "log.txt").read_text()
     assert log.count(f"tensors from {weights}") == 1
     assert "skipped 2 (classifier with another class count)" in log
@@ -191,17 +193,17 @@ def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
     from detection.data import DataPathError
 
     with pytest.raises(DataPathError, match="data path .* does not exist"):
-        engine.preflight(_cfg(tmp_path / "run", f"data_path={tmp_path / 'nope'}"))
+        training.preflight(_cfg(tmp_path / "run", f"data_path={tmp_path / 'nope'}"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="could not read"):
-        engine.preflight(_cfg(tmp_path / "run", f"weights_backbone={bad}"))
+        training.preflight(_cfg(tmp_path / "run", f"weights_backbone={bad}"))
     final = tmp_path / "model_final.pth"
     torch.save({"model": {}, "build_args": {}}, final)
     with pytest.raises(CheckpointError, match=r"not a training checkpoint.*lacks \['optimizer'"):
-        engine.preflight(_cfg(tmp_path / "run"), resume=final)
-    with pytest.raises(CheckpointError, match="nothing to resume"):
-        engine.preflight(_cfg(tmp_path / "run"), resume=True)
+        training.preflight(_cfg(tmp_path / "run"), resume=final)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        training.preflight(_cfg(tmp_path / "run"), resume=True)
     assert not (tmp_path / "run").exists()
 
 
@@ -215,8 +217,8 @@ def test_preflight_finds_the_imagenet_file_before_any_work(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(WeightsError, match=r"ResNet-34 are not cached\. Put resnet34-b627a593\.pth .*no network"):
-        engine.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))
+        training.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))
     assert not (tmp_path / "run").exists()
     imagenet_cache_path(34).parent.mkdir(parents=True, exist_ok=True)
     imagenet_cache_path(34).write_bytes(b"present")  # preflight checks presence; loading verifies the hash
-    assert engine.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))["backbone"] == "resnet34"
+    assert training.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))["backbone"] == "resnet34"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_mod
 import platform
 import resource
 import statistics
@@ -261,7 +262,14 @@ def time_in_own_process(spec: dict[str, Any]) -> dict[str, Any]:
     proc = ctx.Process(target=_time_candidate, args=(spec, queue))
     proc.start()
     try:
-        result = queue.get(timeout=1800)
+        result = None
+        while result is None:
+            try:
+                result = queue.get(timeout=5)
+            except queue_mod.Empty:
+                # A candidate that died (an import error, the OOM killer) puts nothing; say so instead of waiting.
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"the timing process for {spec.get('name', spec)} exited with code {proc.exitcode} and no result") from None
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
