@@ -240,6 +240,58 @@ def test_int8_keeps_the_confident_detections(trained, tmp_path):
     assert considered >= 2 and matched >= 0.75 * considered
 
 
+def test_int8_calibration_feeds_the_runtimes_input(tmp_path, monkeypatch):
+    """The quantizer sees exactly what the runtime feeds the graph: float32 [3, H, W] pixels / 255.
+
+    The graph normalises inside, so calibration images normalised beforehand would be
+    normalised twice and calibrate the int8 ranges on the wrong activations.
+    """
+    import numpy as np
+    from onnxruntime import quantization
+
+    from detection.data import read_image_rgb, shapes
+    from detection.runtime import ExportedDetector
+
+    root = shapes.generate(tmp_path / "data", num_train=4, num_val=0, image_size=64, seed=2)
+    calib = calibration_images(data_path=root, count=2)
+    files = sorted((root / "train").glob("*.jpg"))
+    assert len(calib) == 2 and len(files) == 4
+    # Spread over the split: images 0 and 2; each the file's own pixels in [0, 1].
+    for image, file in zip(calib, files[::2]):
+        pixels = read_image_rgb(file)
+        assert image.dtype == torch.float32 and image.shape == (3, *pixels.shape[:2])
+        np.testing.assert_array_equal(image.numpy(), pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255))
+
+    fed_to_graph = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        fed_to_graph.append(x)
+        return [np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)]
+
+    runtime = ExportedDetector(run, ["boxes", "labels", "scores"], metadata={}, runtime="test", precision="fp32", path=tmp_path / "m.onnx")
+    runtime(calib)
+
+    fed_to_quantizer = []
+
+    def quantize_static(model_input, model_output, reader, **kwargs):
+        while (feed := reader.get_next()) is not None:
+            fed_to_quantizer.append(feed)
+        Path(model_output).write_bytes(Path(model_input).read_bytes())
+
+    monkeypatch.setattr(quantization, "quantize_static", quantize_static)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["image"], ["boxes"])], "g",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [3, "height", "width"])],
+        [onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [3, "height", "width"])],
+    )
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "fp32.onnx"))
+    quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calib)
+    assert [set(feed) for feed in fed_to_quantizer] == [{"image"}] * 2  # the graph's input name
+    for feed, x in zip(fed_to_quantizer, fed_to_graph, strict=True):
+        assert feed["image"].dtype == x.dtype == np.float32
+        np.testing.assert_array_equal(feed["image"], x)
+
+
 def test_export_detector_int8_from_checkpoint_config(trained, tmp_path):
     _, _, root, ckpt, _ = trained
     out = export_detector(ckpt, tmp_path / "m8.onnx", int8=True, calib_images=2)
