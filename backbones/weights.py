@@ -25,7 +25,10 @@ from torch import Tensor, nn
 __all__ = [
     "IMAGENET_WEIGHTS",
     "ImageNetWeights",
+    "FileFormatError",
     "LoadReport",
+    "TORCH_LEGACY_MAGIC",
+    "TORCH_ZIP_MAGIC",
     "WeightsError",
     "imagenet_cache_path",
     "imagenet_file",
@@ -41,6 +44,20 @@ Source = Union[str, os.PathLike, Mapping[str, Any]]
 
 class WeightsError(ValueError):
     """A checkpoint could not be found, trusted or matched to the model."""
+
+
+class FileFormatError(WeightsError):
+    """A file whose bytes are not what its loader reads (junk, truncated, another format); the message names the file.
+
+    Every loader of the project raises it (or a subclass) for any bytes it cannot use,
+    whatever went wrong inside the reader: the read is wrapped, not its exception types.
+    """
+
+
+# What a torch.save file starts with: a zip archive (torch >= 1.6), or, in the legacy format, a
+# pickle (protocol 2 or newer: the PROTO opcode).
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+TORCH_LEGACY_MAGIC = b"\x80"
 
 
 @dataclass(frozen=True)
@@ -147,26 +164,41 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
     Returns:
         Whatever tensors/containers the file holds.
+
+    Raises:
+        WeightsError: the file is missing or its name's hash does not match.
+        FileFormatError: its bytes are not a torch checkpoint of plain data (junk,
+            truncated, another format, or pickled code that ``weights_only`` refused).
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint file not found: {path}")
     _verify_hash(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise WeightsError(f"could not open {path}: {e}") from None
+    if not head.startswith((TORCH_ZIP_MAGIC, TORCH_LEGACY_MAGIC)):
+        size = path.stat().st_size
+        raise FileFormatError(
+            f"could not read {path} as a torch checkpoint: its {size} bytes start with {head.hex() or 'nothing'}, "
+            "neither a torch.save zip archive (504b0304) nor a legacy torch file"
+        )
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e)
         # torch words this differently across versions: "Unsupported global: GLOBAL x.y" (2.4-2.5),
         # "Trying to load unsupported GLOBAL x.y whose module x is blocked" (later).
-        found = re.search(r"(?i)unsupported(?: global:)? (GLOBAL \S+)", detail)
+        found = re.search(r"(?i)unsupported(?: global:)? (GLOBAL \S+)", str(e))
         if found:
-            raise WeightsError(
-                f"refused to load {path}: it is not plain tensor data ({found.group(1) if found else 'a Python object'} "
+            raise FileFormatError(
+                f"refused to load {path}: it is not plain tensor data ({found.group(1)} "
                 "would run code when unpickled; weights_only=True stopped it). Re-save it as a state dict."
             ) from None
-        raise WeightsError(f"could not read {path} as a torch checkpoint (corrupt or another format)") from None
-    except (RuntimeError, EOFError) as e:
-        raise WeightsError(f"could not read {path} as a torch checkpoint: {e}") from None
+        raise FileFormatError(f"could not read {path} as a torch checkpoint (corrupt or another format)") from None
+    except Exception as e:  # noqa: BLE001  (whatever the reader raises, these bytes are not a checkpoint)
+        raise FileFormatError(f"could not read {path} as a torch checkpoint (truncated or corrupt: {type(e).__name__}: {str(e)[:200]})") from None
 
 
 def imagenet_file(depth: int, *, download: bool = True) -> Path:

@@ -12,7 +12,9 @@ atomically (a kill at any moment leaves the previous file or the new one):
   what an iteration-exact ``--resume`` needs.
 
 A detector file is also what ``load_detector`` takes, and a training state is a
-detector file too, so either rebuilds the model.
+detector file too, so either rebuilds the model. Which kind a file is, and the keys
+each kind must hold, are decided in ``detection.files``; the atomic writers live there
+too.
 
 Classification (``tools/train_cls.py``) writes two more kinds, whose ``model`` is a
 plain torchvision-named ResNet state dict, so ``backbones.load_pretrained`` and
@@ -31,16 +33,24 @@ counts differ):
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
-from backbones.weights import WeightsError, read_checkpoint
+from backbones.weights import FileFormatError, read_checkpoint
 
+from .files import (
+    CLASSIFIER_KEYS,
+    CLASSIFIER_TRAINING_KEYS,
+    DETECTOR_KEYS,
+    TRAINING_KEYS,
+    atomic_save,
+    atomic_write_text,
+    read_torch_file,
+)
 from .models import BACKBONES, rebuild_detector
 
 __all__ = [
@@ -50,8 +60,11 @@ __all__ = [
     "FORMAT_VERSION",
     "TRAINING_KEYS",
     "CheckpointError",
+    "FileFormatError",
     "atomic_save",
     "atomic_write_text",
+    "describe_last_good",
+    "last_good_training_state",
     "load_classifier",
     "load_detector",
     "read_checkpoint",
@@ -64,67 +77,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-DETECTOR_KEYS = ("model", "build_args")
 OPTIONAL_KEYS = ("category_mapping", "config", "iteration", "format_version")
-TRAINING_KEYS = DETECTOR_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config", "category_mapping")
-CLASSIFIER_KEYS = ("model", "arch", "classes")
-CLASSIFIER_TRAINING_KEYS = CLASSIFIER_KEYS + ("optimizer", "scheduler", "scaler", "model_ema", "epoch", "iteration", "config")
 
 
-class CheckpointError(WeightsError):
-    """A checkpoint file that is readable but is not what was asked for."""
-
-
-def _file_mode() -> int:
-    # The mode open() would give a new file: 0666 less the umask (mkstemp makes 0600).
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    A crash or kill at any moment leaves either the previous file or the new one,
-    never a truncated mix: ``os.replace`` is atomic within one file system. The file
-    gets the permissions the umask gives any new file.
-
-    Args:
-        obj: what to save (tensors and plain containers, so it loads with
-            ``weights_only=True``).
-        path: destination file.
-
-    Returns:
-        The destination path.
-    """
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` the way ``atomic_save`` writes a checkpoint.
-
-    Args:
-        path: destination file.
-        text: its whole new content.
-    """
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+class CheckpointError(FileFormatError):
+    """A checkpoint file that is readable but is not what was asked for (or does not rebuild its model)."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -166,11 +123,15 @@ def save_detector(
     return atomic_save(_detector_record(model, {k: v for k, v in extra.items() if v is not None}), path)
 
 
+def _name(source: Any) -> str:
+    return "an in-memory checkpoint" if isinstance(source, Mapping) else str(source)
+
+
 def _check_keys(ckpt: Any, keys: tuple[str, ...], what: str, source: Any) -> Mapping[str, Any]:
     if not isinstance(ckpt, Mapping) or any(k not in ckpt for k in keys):
-        found = sorted(ckpt)[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
         missing = [k for k in keys if not isinstance(ckpt, Mapping) or k not in ckpt]
-        raise CheckpointError(f"{source} is not a {what}: it lacks {missing} (found {found})")
+        raise CheckpointError(f"{_name(source)} is not a {what}: it lacks {missing} (found {found})")
     return ckpt
 
 
@@ -188,16 +149,19 @@ def load_detector(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: 
         checkpoint has them (else ``None``).
 
     Raises:
-        WeightsError: the file is missing, unreadable or carries code.
-        CheckpointError: it is readable but not a detector checkpoint.
+        WeightsError: the file is missing.
+        FileFormatError: its bytes are not a torch checkpoint (junk, truncated, an
+            exported file, pickled code).
+        CheckpointError: it is readable but not a detector checkpoint, or its content
+            does not rebuild one.
     """
-    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    ckpt = read_torch_file(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
     ckpt = _check_keys(ckpt, DETECTOR_KEYS, "detector checkpoint (from save_detector or tools/train_det.py)", checkpoint)
     try:
         model = rebuild_detector(ckpt["build_args"])
         model.load_state_dict(ckpt["model"], strict=True)
-    except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{checkpoint} does not rebuild a detector: {e}") from None
+    except Exception as e:  # noqa: BLE001  (whatever the file's content breaks, it does not rebuild a detector)
+        raise CheckpointError(f"{_name(checkpoint)} does not rebuild a detector: {type(e).__name__}: {str(e)[:300]}") from None
     model.category_mapping = ckpt.get("category_mapping")
     model.train_config = ckpt.get("config")
     return model.to(device).eval()
@@ -245,11 +209,12 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
         path: the training state file.
 
     Raises:
-        WeightsError: the file is missing, unreadable or carries code.
+        WeightsError: the file is missing.
+        FileFormatError: its bytes are not a torch checkpoint.
         CheckpointError: it is readable but not a training state (e.g. a
             ``model_final.pth``, which has no optimizer).
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_torch_file(path)
     return dict(_check_keys(ckpt, TRAINING_KEYS, "training checkpoint (checkpoint.pth from tools/train_det.py)", path))
 
 
@@ -303,21 +268,24 @@ def load_classifier(checkpoint: str | os.PathLike | Mapping[str, Any], *, device
         ``model.arch`` and ``model.train_config`` (the training config, or ``None``).
 
     Raises:
-        WeightsError: the file is missing, unreadable or carries code.
-        CheckpointError: it is readable but not a classifier checkpoint.
+        WeightsError: the file is missing.
+        FileFormatError: its bytes are not a torch checkpoint.
+        CheckpointError: it is readable but not a classifier checkpoint, or its content
+            does not rebuild one.
     """
     from backbones.resnet import resnet
 
-    ckpt = read_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    ckpt = read_torch_file(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
     ckpt = _check_keys(ckpt, CLASSIFIER_KEYS, "classifier checkpoint (from save_classifier or tools/train_cls.py)", checkpoint)
-    if ckpt["arch"] not in BACKBONES:
-        raise CheckpointError(f"{checkpoint}: arch must be one of {list(BACKBONES)}, got {ckpt['arch']!r}")
-    model = resnet(BACKBONES[ckpt["arch"]], num_classes=len(ckpt["classes"]))
+    if not isinstance(ckpt["arch"], str) or ckpt["arch"] not in BACKBONES:
+        raise CheckpointError(f"{_name(checkpoint)}: arch must be one of {list(BACKBONES)}, got {ckpt['arch']!r}")
     try:
+        classes = [str(c) for c in ckpt["classes"]]
+        model = resnet(BACKBONES[ckpt["arch"]], num_classes=len(classes))
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} does not rebuild a {ckpt['arch']} with {len(ckpt['classes'])} classes: {e}") from None
-    model.classes = list(ckpt["classes"])
+    except Exception as e:  # noqa: BLE001  (whatever the file's content breaks, it does not rebuild the classifier)
+        raise CheckpointError(f"{_name(checkpoint)} does not rebuild a {ckpt['arch']} classifier: {type(e).__name__}: {str(e)[:300]}") from None
+    model.classes = classes
     model.arch = ckpt["arch"]
     model.train_config = ckpt.get("config")
     return model.to(device).eval()
@@ -370,8 +338,68 @@ def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
         path: the training state file.
 
     Raises:
-        WeightsError: the file is missing, unreadable or carries code.
+        WeightsError: the file is missing.
+        FileFormatError: its bytes are not a torch checkpoint.
         CheckpointError: it is readable but not a classifier training state.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_torch_file(path)
     return dict(_check_keys(ckpt, CLASSIFIER_TRAINING_KEYS, "classifier training checkpoint (checkpoint.pth from tools/train_cls.py)", path))
+
+
+# ---------------------------------------------------------------------------------------------
+# After a failed run
+
+
+def last_good_training_state(
+    output_dir: str | os.PathLike, *, since: float, resume: str | os.PathLike | bool | None = None, good_until: int | None = None,
+) -> tuple[Path, int] | None:
+    """The training state a run that just failed can be resumed from, with its iteration, or ``None``.
+
+    That is ``output_dir/checkpoint.pth`` when this run wrote it (modified at or after
+    ``since``), else the file the run resumed from, provided its iteration is at most
+    ``good_until`` (a checkpoint written during a streak of non-finite losses holds the
+    weights that diverged).
+
+    Args:
+        output_dir: the run's output folder.
+        since: ``time.time()`` when the run started.
+        resume: the run's ``resume`` argument (``True``: ``output_dir/checkpoint.pth``).
+        good_until: the last iteration whose weights still gave finite losses, if known.
+    """
+    own = Path(output_dir) / "checkpoint.pth"
+    candidates = [own] if own.is_file() and own.stat().st_mtime >= since else []
+    if resume:
+        candidates.append(own if resume is True else Path(resume))
+    for path in candidates:
+        try:
+            iteration = int(read_torch_file(path).get("iteration"))
+        except (FileFormatError, TypeError, ValueError, AttributeError, OSError):
+            continue
+        if good_until is None or iteration <= good_until:
+            return path, iteration
+    return None
+
+
+def describe_last_good(error: BaseException, output_dir: str | os.PathLike, *, since: float, resume: str | os.PathLike | bool | None = None) -> str:
+    """One sentence for a run stopped by non-finite losses: which checkpoint to resume from, or that there is none.
+
+    Args:
+        error: the ``NonFiniteLossError``; its ``iteration`` and ``in_a_row`` (or its
+            message, "N non-finite losses in a row, last at iteration I") give the last
+            iteration whose weights were still good.
+        output_dir: the run's output folder.
+        since: ``time.time()`` when the run started.
+        resume: the run's ``resume`` argument.
+    """
+    import re
+
+    last, count = getattr(error, "iteration", None), getattr(error, "in_a_row", None)
+    if last is None or count is None:
+        found = re.search(r"(\d+) non-finite losses in a row, last at iteration (\d+)", str(error))
+        count, last = (int(found.group(1)), int(found.group(2))) if found else (None, None)
+    good_until = last - count if last is not None and count is not None else None
+    found_state = last_good_training_state(output_dir, since=since, resume=resume, good_until=good_until)
+    if found_state is None:
+        return "no good checkpoint was written before the losses diverged: start afresh with a lower --lr"
+    path, iteration = found_state
+    return f"the last good checkpoint is {path} (iteration {iteration}): resume from it with --resume {path} and a lower --lr"

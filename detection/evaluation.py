@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ __all__ = [
     "coco_evaluate",
     "evaluate",
 ]
+
+logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 EVALUATORS = ("pycocotools", "faster")
@@ -230,6 +233,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the model over ``dataset`` and score bbox (and segm when it predicts masks).
 
+    Segm is skipped, with one warning saying why, when the ground truth has objects
+    without a ``segmentation`` (a boxes-only validation file): bbox is still scored
+    and ``metrics.json`` written.
+
     Works under ``torchrun``: every rank predicts its share, rank 0 gathers, scores and
     writes, and every rank returns the same result.
 
@@ -249,7 +256,7 @@ def evaluate(
 
     Returns:
         ``{"metrics": {...}, "summaries": {iou_type: text}, "per_category": {iou_type: {...}},
-        "seconds": {"inference": s, "coco_eval": s}}``.
+        "skipped": {iou_type: reason}, "seconds": {"inference": s, "coco_eval": s}}``.
     """
     mapping = dict(label_to_cat_id) if label_to_cat_id is not None else dict(dataset.label_to_cat_id)
     t0 = time.perf_counter()
@@ -268,6 +275,12 @@ def evaluate(
     if dist_utils.is_main_process():
         result = {"metrics": {}, "summaries": {}, "per_category": {}}
         iou_types: Iterable[tuple[str, list]] = [("bbox", bbox)] + ([("segm", segm)] if segm or _has_masks(model) else [])
+        result["skipped"] = {}
+        no_masks = _missing_masks(dataset) if len(iou_types) > 1 else None
+        if no_masks:
+            iou_types = iou_types[:1]
+            result["skipped"]["segm"] = no_masks
+            logger.warning("segm AP skipped: %s", no_masks)
         for iou_type, results in iou_types:
             results.sort(key=lambda r: (r["image_id"], -r["score"]))
             scored = coco_evaluate(dataset.coco, results, iou_type, evaluator=evaluator)
@@ -281,6 +294,18 @@ def evaluate(
         if output_dir is not None:
             (Path(output_dir) / "metrics.json").write_text(json.dumps(result["metrics"], indent=2))
     return dist_utils.broadcast_object(result)
+
+
+def _missing_masks(dataset: Any) -> str | None:
+    """Why segm AP cannot be scored on ``dataset``'s ground truth (objects without a mask), or ``None``."""
+    annotations = dataset.coco.dataset.get("annotations", [])
+    # pycocotools needs polygons or an RLE for every object (an empty polygon list fails in frPyObjects too).
+    lacking = sum(1 for a in annotations if not a.get("segmentation"))
+    if not lacking:
+        return None
+    where = getattr(dataset, "ann_file", "the annotation file")
+    return (f"{lacking} of {len(annotations)} annotations in {where} have no 'segmentation' (polygons or RLE); "
+            "segm AP needs a mask for every object, so only bbox AP is scored")
 
 
 def _has_masks(model: nn.Module) -> bool:

@@ -25,7 +25,6 @@ NMS and the rest stay float32.
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.onnx import operators
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from .files import NMS_WITHOUT_BRANCH, FileFormatError, decode_metadata, publish, read_onnx_metadata, temporary_folder
+from .models import has_masks as _predicts_masks
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -113,7 +115,7 @@ class DeployedDetector(nn.Module):
         transform = _ExportTransform(t.min_size, t.max_size, t.image_mean, t.image_std, size_divisible=t.size_divisible, fixed_size=t.fixed_size)
         self.model = model
         self.model.transform = transform
-        self.has_masks = getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+        self.has_masks = _predicts_masks(model)
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         if not self.has_masks:
@@ -132,6 +134,36 @@ class DeployedDetector(nn.Module):
         mask_probs = det.pop("masks")
         out = m.transform.postprocess([det], images.image_sizes, [(shape[0], shape[1])])[0]
         return out["boxes"], out["labels"], out["scores"], mask_probs
+
+
+def _batched_nms_without_branch(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's ``batched_nms`` (coordinate trick) with no ``if boxes.numel() == 0`` branch, for tracing.
+
+    torchvision returns an empty constant from that branch, which exports as an ONNX
+    ``If``; OpenVINO (2026.x CPU) gives such an ``If`` one element instead of none, so an
+    image with no detection came out of it with one invented row (label 0, a zero box).
+    Here the maximum is taken over the boxes and a zero, which is defined when there is
+    no box and equal to torchvision's otherwise (boxes are clipped to the image, so >= 0);
+    ``nms`` of no box keeps none.
+    """
+    import torchvision
+
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+class _branchless_nms:
+    """While tracing, torchvision's detectors call ``_batched_nms_without_branch`` (they look ``batched_nms`` up at call time)."""
+
+    def __enter__(self) -> None:
+        from torchvision.ops import boxes as box_ops
+
+        self.box_ops, self.saved = box_ops, box_ops.batched_nms
+        box_ops.batched_nms = _batched_nms_without_branch
+
+    def __exit__(self, *exc: Any) -> None:
+        self.box_ops.batched_nms = self.saved
 
 
 def _output_names(has_masks: bool) -> list[str]:
@@ -167,23 +199,6 @@ def check_opset(opset: int) -> int:
             f"RoiAlign states its coordinate mode (aligned or not), which the R-CNN poolers need; pass --opset {DEFAULT_OPSET}"
         )
     return opset
-
-
-def _atomic_dir(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _publish(tmp_file: Path, output: Path) -> Path:
-    os.chmod(tmp_file, _file_mode())
-    os.replace(tmp_file, output)
-    return output
 
 
 def _category_mapping(model: nn.Module, category_mapping: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
@@ -237,30 +252,18 @@ def _set_metadata(proto: Any, metadata: Mapping[str, str]) -> None:
 
 
 def read_metadata(path: "str | os.PathLike[str]") -> dict[str, Any]:
-    """The ``resfpn.*`` metadata of an exported ONNX file, JSON values decoded.
+    """The ``resfpn.*`` metadata of an exported ONNX file, JSON values decoded (the graph is not loaded).
 
     Args:
         path: an ``.onnx`` file written by ``export_onnx`` or ``quantize_onnx``.
 
     Returns:
         ``{key without the "resfpn." prefix: value}``; empty when the file has none.
+
+    Raises:
+        FileFormatError: the file is not an ONNX model.
     """
-    onnx = _require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
-    return decode_metadata({p.key: p.value for p in proto.metadata_props})
-
-
-def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
-    """Decode ``resfpn.*`` metadata properties (JSON where they are JSON)."""
-    out: dict[str, Any] = {}
-    for key, value in props.items():
-        if not key.startswith("resfpn."):
-            continue
-        try:
-            out[key[len("resfpn."):]] = json.loads(value)
-        except (ValueError, TypeError):
-            out[key[len("resfpn."):]] = value
-    return out
+    return decode_metadata(read_onnx_metadata(path))
 
 
 def _check_roi_align(proto: Any, model: nn.Module) -> list[str]:
@@ -302,6 +305,15 @@ def export_onnx(
     Returns:
         The output path.
     """
+    output, size = _export_onnx(model, output, opset=opset, category_mapping=category_mapping, export_size=export_size)
+    log.info("wrote %s (opset %d, traced at %dx%d)", output, opset, *size)
+    return output
+
+
+def _export_onnx(
+    model: nn.Module, output: "str | os.PathLike[str]", *, opset: int, category_mapping: Optional[Mapping[str, Any]], export_size: Optional[tuple[int, int]],
+) -> tuple[Path, tuple[int, int]]:
+    """``export_onnx`` without its log line (the int8 path writes an fp32 file nobody keeps)."""
     import copy
     import warnings
 
@@ -316,11 +328,10 @@ def export_onnx(
     deployed = DeployedDetector(copy.deepcopy(model).cpu().float().eval()).eval()
     size = tuple(export_size) if export_size is not None else _export_size(model)
     names = _output_names(deployed.has_masks)
-    tmp = _atomic_dir(output)
-    try:
+    with temporary_folder(output) as tmp:
         raw = tmp / "raw.onnx"
         sample = torch.rand(3, *size, generator=torch.Generator().manual_seed(0))
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _branchless_nms():
             warnings.simplefilter("ignore")  # tracer and legacy-exporter notices about code paths torchvision handles
             torch.onnx.export(
                 deployed, (sample,), str(raw), dynamo=False, opset_version=opset, input_names=["image"], output_names=names,
@@ -331,17 +342,13 @@ def export_onnx(
         modes = _check_roi_align(proto, model)
         meta = _metadata(model, has_masks=deployed.has_masks, opset=opset, export_size=size, mapping=mapping)
         meta["resfpn.roi_align"] = json.dumps(sorted(set(modes)))
+        meta["resfpn.nms"] = NMS_WITHOUT_BRANCH
         _set_metadata(proto, meta)
         proto.producer_name, proto.doc_string = "resfpn", f"{meta['resfpn.arch']} {meta['resfpn.backbone']}: image [3,H,W] RGB 0..1 -> boxes, labels, scores"
         final = tmp / "model.onnx"
         onnx.save(proto, str(final))
-        _publish(final, output)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %s (opset %d, traced at %dx%d)", output, opset, *size)
-    return output
+        publish(final, output)
+    return output, size
 
 
 def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, category_mapping: Optional[Mapping[str, Any]] = None) -> Path:
@@ -365,7 +372,7 @@ def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, ca
         raise ExportError(f"expected a torchvision detector from detection.build_detector, got {type(model).__name__}")
     output = Path(output)
     mapping = _category_mapping(model, category_mapping)
-    has_masks = getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+    has_masks = _predicts_masks(model)
     meta = _metadata(model, has_masks=has_masks, opset=0, export_size=_export_size(model), mapping=mapping)
     meta.pop("resfpn.opset")
     meta["resfpn.outputs"] = json.dumps(["boxes", "labels", "scores"] + (["masks"] if has_masks else []))  # pasted by the model
@@ -374,17 +381,13 @@ def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, ca
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
         scripted = torch.jit.script(copy.deepcopy(model).cpu().eval())
-    tmp = _atomic_dir(output)
-    try:
+    with temporary_folder(output) as tmp:
         final = tmp / "model.pt"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
             torch.jit.save(scripted, str(final), _extra_files={"resfpn.json": json.dumps(meta)})
-        _publish(final, output)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(final, output)
+    log.info("wrote %s (TorchScript)", output)
     return output
 
 
@@ -488,22 +491,25 @@ def quantize_onnx(
 
     Returns:
         The output path.
-    """
-    import shutil
 
+    Raises:
+        FileFormatError: ``model_path`` is not an ONNX file.
+    """
     onnx = _require("onnx")
     if method not in INT8_METHODS:
         raise ExportError(f"int8 method must be one of {list(INT8_METHODS)}, got {method!r}")
     if not images:
         raise ExportError("int8 needs calibration images: got none (pass calib_images >= 1 and a training split with images)")
-    proto = onnx.load(str(model_path))
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = read_onnx_metadata(model_path)
     if meta.get("resfpn.precision", "fp32") != "fp32":
         raise ExportError(f"{model_path} is already {meta['resfpn.precision']}; quantize the fp32 export")
+    try:
+        proto = onnx.load(str(model_path))
+    except Exception as e:  # noqa: BLE001  (a damaged graph: the file cannot be read as ONNX)
+        raise FileFormatError(f"{model_path} is not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     convs = _conv_nodes(proto)
     output = Path(output)
-    tmp = _atomic_dir(output)
-    try:
+    with temporary_folder(output) as tmp:
         quantized = tmp / "int8.onnx"
         if method == "onnxruntime":
             q = _require("onnxruntime.quantization")
@@ -523,9 +529,8 @@ def quantize_onnx(
             {"method": method, "calibration_images": len(images), "quantized": "Conv", "convolutions": len(convs)})})
         final = tmp / "model.onnx"
         onnx.save(result, str(final))
-        _publish(final, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(final, output)
+    log.info("wrote %s (int8, %s, %d calibration images)", output, method, len(images))
     return output
 
 
@@ -540,13 +545,10 @@ def load_checkpoint_for_export(checkpoint: "str | os.PathLike[str]") -> tuple[nn
 
     from .checkpoint import load_detector
 
-    hint = "pass --checkpoint model_final.pth written by tools/train_det.py"
     try:
         model = load_detector(checkpoint)
-    except WeightsError as e:  # already names the file and what is wrong with it
-        raise ExportError(f"{e} ({hint})") from None
-    except Exception as e:  # torch.load raises many types for files that are not checkpoints at all
-        raise ExportError(f"{checkpoint} is not a detector checkpoint ({type(e).__name__}: {e}); {hint}") from None
+    except WeightsError as e:  # names the file and what is wrong with it, whatever its bytes
+        raise ExportError(f"{e} (pass --checkpoint model_final.pth written by tools/train_det.py)") from None
     config = getattr(model, "train_config", None)
     return model, dict(config) if isinstance(config, Mapping) else None
 
@@ -600,8 +602,6 @@ def export_detector(
     Returns:
         The output path.
     """
-    import shutil
-
     check_export_args(format=format, opset=opset, int8=int8, calib_images=calib_images, int8_method=int8_method)
     model, config = load_checkpoint_for_export(checkpoint)
     if format == "torchscript":
@@ -610,9 +610,6 @@ def export_detector(
         return export_onnx(model, output, opset=opset, export_size=export_size)
     images = calibration_images(config=config, data_path=data_path, count=calib_images)
     output = Path(output)
-    tmp = _atomic_dir(output)
-    try:
-        fp32 = export_onnx(model, tmp / "fp32.onnx", opset=opset, export_size=export_size)
+    with temporary_folder(output) as tmp:
+        fp32, _ = _export_onnx(model, tmp / "fp32.onnx", opset=opset, category_mapping=None, export_size=export_size)
         return quantize_onnx(fp32, output, images, method=int8_method)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

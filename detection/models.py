@@ -36,6 +36,7 @@ __all__ = [
     "check_detector_options",
     "count_parameters",
     "detector_options",
+    "has_masks",
     "rebuild_detector",
 ]
 
@@ -311,6 +312,20 @@ def rebuild_detector(build_args: Mapping[str, Any]) -> nn.Module:
     model = build_detector(arch, **args, **kwargs)
     model.build_args["weights_backbone"] = build_args.get("weights_backbone")
     return model
+
+
+def has_masks(model: Any) -> bool:
+    """Whether a detector predicts instance masks: its own ``has_masks`` when it says (exported files), else a mask head.
+
+    Args:
+        model: a detector from ``build_detector`` (possibly DDP-wrapped), or one from
+            ``detection.load_exported``.
+    """
+    model = getattr(model, "module", model)
+    if isinstance(getattr(model, "has_masks", None), bool):
+        return model.has_masks
+    roi_heads = getattr(model, "roi_heads", None)
+    return roi_heads is not None and getattr(roi_heads, "mask_predictor", None) is not None
 
 
 def __getattr__(name: str) -> Any:

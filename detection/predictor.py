@@ -19,11 +19,13 @@ from torch import nn
 
 from .checkpoint import load_detector
 from .data.coco import image_to_tensor, read_image_rgb
+from .files import RUNTIMES, is_exported, resolve_runtime
+from .models import has_masks
 
 __all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_model"]
 
-RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
-EXPORTED_SUFFIXES = (".onnx",)  # run by ONNX Runtime unless told otherwise; TorchScript files need runtime="torchscript"
+# Kept for callers that guess by name; what a file is comes from its bytes (detection.files).
+EXPORTED_SUFFIXES = (".onnx",)
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
 
@@ -80,11 +82,13 @@ def load_model(
 ) -> Any:
     """Load a detector from a checkpoint or an exported file, ready to call like a torchvision detector.
 
+    What a file is comes from its bytes (``detection.files``), not its name.
+
     Args:
-        source: ``model_final.pth`` / ``checkpoint.pth``, an exported ``.onnx`` file
-            (or a TorchScript ``.pt`` with ``runtime="torchscript"``), or a model already built.
-        runtime: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``; default ``"torch"`` for
-            checkpoints and ``"onnxruntime"`` for exported files.
+        source: ``model_final.pth`` / ``checkpoint.pth``, an exported ONNX or TorchScript
+            file from ``tools/export.py``, or a model already built.
+        runtime: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``; default
+            ``"torch"`` for checkpoints, ``"onnxruntime"`` for ONNX, ``"torchscript"`` for TorchScript.
         device: where a PyTorch model runs (exported files run on the CPU).
         fast: PyTorch only: ``detection.fast.optimize_for_inference``.
         dtype: with ``fast``, the trunk's reduced precision (``torch.bfloat16``, ...).
@@ -92,24 +96,22 @@ def load_model(
     Returns:
         A callable taking a list of CHW float images in [0, 1] and returning torchvision
         detection dicts, with ``category_mapping`` (or ``None``) and ``has_masks``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: its bytes are no model file (junk, truncated, ...); names the file.
+        ValueError: a runtime that does not run this file, or a GPU for an exported file.
     """
     if isinstance(source, nn.Module):
         model: Any = source.to(device).eval()
-        runtime = "torch"
     else:
         path = Path(source)
-        onnx = path.suffix.lower() in EXPORTED_SUFFIXES
-        runtime = runtime or ("onnxruntime" if onnx else "torch")
-        if runtime not in RUNTIMES:
+        if runtime is not None and runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        exported = runtime != "torch"
-        if onnx != (runtime in ("onnxruntime", "openvino")) and not (runtime == "torchscript" and not onnx):
-            want = {"torch": "a PyTorch checkpoint (.pth)", "torchscript": "a TorchScript file (.pt) from tools/export.py"}.get(
-                runtime, f"an exported file ({', '.join(EXPORTED_SUFFIXES)})")
-            raise ValueError(f"runtime {runtime!r} runs {want}, got {path}; export with tools/export.py, or pick --runtime to match")
-        if exported:
-            if not path.is_file():
-                raise FileNotFoundError(f"exported model {path} not found")
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} not found (a model_final.pth from tools/train_det.py, or a file from tools/export.py)")
+        runtime = resolve_runtime(path, runtime)
+        if runtime != "torch":
             if torch.device(device).type != "cpu":
                 raise ValueError(f"exported models run on the CPU here, got device {device!r}")
             from .runtime import load_exported
@@ -125,9 +127,7 @@ def load_model(
             setattr(model, k, v)
     if not hasattr(model, "category_mapping"):
         model.category_mapping = None
-    if not hasattr(model, "has_masks"):
-        roi_heads = getattr(model, "roi_heads", None)
-        model.has_masks = roi_heads is not None and getattr(roi_heads, "mask_predictor", None) is not None
+    model.has_masks = has_masks(model)
     return model
 
 
@@ -181,7 +181,7 @@ class Predictor:
     ) -> None:
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
-        exported = not isinstance(model, nn.Module) and (Path(model).suffix.lower() in EXPORTED_SUFFIXES or runtime not in (None, "torch"))
+        exported = not isinstance(model, nn.Module) and is_exported(model, runtime)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
         self.device = torch.device(device)

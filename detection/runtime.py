@@ -14,7 +14,6 @@ always set explicitly (``INFERENCE_PRECISION_HINT``) and named. TorchScript file
 (``tools/export.py --format torchscript``) run with ``torch.jit.load``.
 """
 
-import json
 import logging
 import os
 import warnings
@@ -27,11 +26,12 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-__all__ = ["RUNTIMES", "ExportedDetector", "RuntimeUnavailableError", "load_exported"]
+from .files import EXPORTED_RUNTIMES, NMS_WITHOUT_BRANCH, FileFormatError, read_exported_metadata, resolve_runtime
+
+__all__ = ["EXPORTED_RUNTIMES", "ExportedDetector", "RuntimeUnavailableError", "load_exported"]
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "openvino", "torchscript")
 _OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -68,7 +68,10 @@ class ExportedDetector:
         has_masks: whether it predicts masks (Mask R-CNN).
         runtime: ``"<runtime> <precision>"``, e.g. ``"openvino int8"``.
         precision: the precision part alone.
-        metadata: everything the file records (``detection.export.read_metadata``).
+        inference_precision: OpenVINO only: the compiled model's own
+            ``INFERENCE_PRECISION_HINT`` read back (``"f32"``, ``"bf16"``), what its CPU
+            plugin really runs; ``None`` for the other runtimes.
+        metadata: everything the file records (``detection.files.read_exported_metadata``).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class ExportedDetector:
         self.train_config: Optional[dict[str, Any]] = self.metadata.get("train_config")
         self.has_masks = "masks" in self.output_names or "mask_probs" in self.output_names
         self.precision = precision
+        self.inference_precision: Optional[str] = None
         self.runtime = f"{runtime} {precision}"
         self.path = Path(path)
         self.training = False
@@ -127,73 +131,73 @@ class ExportedDetector:
         return f"ExportedDetector({str(self.path)!r}, runtime={self.runtime!r}, arch={self.metadata.get('arch')!r})"
 
 
-def _onnx_metadata(path: Path, props: Mapping[str, str]) -> dict[str, Any]:
-    from .export import decode_metadata
+def _read(path: Path, reader: str, read: Callable[[], Any]) -> Any:
+    """Run ``read()``, which hands ``path``'s bytes to a runtime; whatever it raises means they are not a model it runs."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001  (each runtime raises its own types for bytes it cannot use)
+        raise FileFormatError(f"{reader} could not read {path} as an exported detector ({type(e).__name__}: {str(e)[:300]})") from None
 
-    meta = decode_metadata(props)
-    if "outputs" not in meta:
-        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.* metadata): export one with tools/export.py")
-    return meta
 
-
-def _load_onnxruntime(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+def _load_onnxruntime(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
     ort = _import("onnxruntime", "onnxruntime")
+    stored = meta.get("precision", "fp32")
+    if precision not in (None, stored):
+        raise ValueError(f"onnxruntime runs {path} as written ({stored}); precision={precision!r} is for runtime='openvino' (fp32 or bf16)")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if num_threads is not None:
         options.intra_op_num_threads = num_threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    meta = _onnx_metadata(path, session.get_modelmeta().custom_metadata_map)
-    stored = meta.get("precision", "fp32")
-    if precision not in (None, stored):
-        raise ValueError(f"onnxruntime runs {path} as written ({stored}); precision={precision!r} is for runtime='openvino' (fp32 or bf16)")
+    session = _read(path, "ONNX Runtime", lambda: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     names = [o.name for o in session.get_outputs()]
     return ExportedDetector(lambda x: session.run(None, {"image": x}), names, metadata=meta, runtime="onnxruntime", precision=stored, path=path)
 
 
-def _load_openvino(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
-    ov = _import("openvino", "openvino")
-    from .export import read_metadata
+# OpenVINO's element types as this project names precisions.
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
-    meta = read_metadata(path)
-    if "outputs" not in meta:
-        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.* metadata): export one with tools/export.py")
+
+def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+    ov = _import("openvino", "openvino")
     precision = precision or "fp32"
     if precision not in _OPENVINO_PRECISIONS:
         raise ValueError(f"openvino precision must be one of {list(_OPENVINO_PRECISIONS)}, got {precision!r}")
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if num_threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(num_threads)
+    if meta.get("nms") != NMS_WITHOUT_BRANCH:
+        log.warning("%s was exported before its NMS was made safe for OpenVINO: on an image where the model finds nothing, "
+                    "OpenVINO returns one invented detection; export it again with tools/export.py", path)
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    compiled = _read(path, "OpenVINO", lambda: core.compile_model(core.read_model(str(path)), "CPU", config))
+    # What the CPU plugin will actually run (it may differ from the hint, e.g. bf16 where the CPU lacks it).
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    inference_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     request = compiled.create_infer_request()
-    names = [o.get_any_name() for o in compiled.outputs]
+    outputs = list(compiled.outputs)
+    names = [o.get_any_name() for o in outputs]
+    run = _openvino_run(request, outputs)
+    ran = _PRECISION_NAMES.get(inference_precision, inference_precision)
+    label = f"int8+{ran}" if meta.get("precision") == "int8" and ran != "fp32" else ("int8" if meta.get("precision") == "int8" else ran)
+    exported = ExportedDetector(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
+    exported.inference_precision = inference_precision
+    return exported
 
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        result = request.infer({"image": x})
-        return [np.array(result[o]) for o in compiled.outputs]
 
-    stored = meta.get("precision", "fp32")
-    label = "int8" if stored == "int8" and precision == "fp32" else (f"int8+{precision}" if stored == "int8" else precision)
-    return ExportedDetector(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
-
-
-def _load_torchscript(path: Path, precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+def _load_torchscript(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
     if precision not in (None, "fp32"):
         raise ValueError(f"torchscript files run in fp32; got precision={precision!r}")
     if num_threads is not None:
         log.info("num_threads is process-wide for TorchScript; leaving torch's setting (%d)", torch.get_num_threads())
-    extra = {"resfpn.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-        scripted = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    if not extra["resfpn.json"]:
-        raise ValueError(f"{path} is not a detector exported by resfpn (no resfpn.json): export one with tools/export.py --format torchscript")
-    from .export import decode_metadata
 
-    meta = decode_metadata(json.loads(extra["resfpn.json"]))
+    def load() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            return torch.jit.load(str(path), map_location="cpu")
+
+    scripted = _read(path, "torch.jit.load", load)
     scripted.eval()
     names = list(meta["outputs"])
 
@@ -205,19 +209,31 @@ def _load_torchscript(path: Path, precision: Optional[str], num_threads: Optiona
     return ExportedDetector(run, names, metadata=meta, runtime="torchscript", precision="fp32", path=path)
 
 
+def _openvino_run(request: Any, outputs: Sequence[Any]) -> Callable[[np.ndarray], list[np.ndarray]]:
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        result = request.infer({"image": x})
+        return [np.array(result[o]) for o in outputs]
+
+    return run
+
+
+_LOADERS = {"onnxruntime": _load_onnxruntime, "openvino": _load_openvino, "torchscript": _load_torchscript}
+
+
 def load_exported(
     path: "str | os.PathLike[str]",
     *,
-    runtime: str = "onnxruntime",
+    runtime: Optional[str] = None,
     precision: Optional[str] = None,
     num_threads: Optional[int] = None,
 ) -> ExportedDetector:
     """Load an exported detector behind a PyTorch detector's call.
 
     Args:
-        path: an ``.onnx`` file from ``tools/export.py`` (fp32 or int8), or a ``.pt``
-            TorchScript file (then ``runtime`` is ``"torchscript"``, chosen by itself).
-        runtime: ``"onnxruntime"`` (default) or ``"openvino"`` for ONNX files.
+        path: a file from ``tools/export.py``: ONNX (fp32 or int8) or TorchScript; what
+            it is comes from its bytes (``detection.files``), not its name.
+        runtime: ``"onnxruntime"`` or ``"openvino"`` for ONNX files, ``"torchscript"``
+            for TorchScript ones; default: ``onnxruntime`` for ONNX, ``torchscript`` for TorchScript.
         precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not
             int8. ONNX Runtime runs the file as written (fp32, or int8 convolutions).
         num_threads: intra-op threads (default: the runtime's own choice, all cores).
@@ -225,26 +241,21 @@ def load_exported(
     Returns:
         An ``ExportedDetector``: ``model(images) -> list of dicts``, with
         ``category_mapping``, ``has_masks``, ``runtime`` and ``precision``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: the bytes are not an exported detector (junk, truncated, a
+            checkpoint, an ONNX file without resfpn's metadata), whatever the runtime.
+        ValueError: a runtime or precision that does not run this file.
+        RuntimeUnavailableError: the runtime is not installed.
     """
     path = Path(path)
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if runtime is not None and runtime not in EXPORTED_RUNTIMES:
+        raise ValueError(f"runtime must be one of {list(EXPORTED_RUNTIMES)}, got {runtime!r}")
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} not found (write one with tools/export.py)")
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
-    is_torchscript = path.suffix in (".pt", ".pth", ".ts")
-    if is_torchscript or runtime == "torchscript":
-        if not is_torchscript:
-            raise ValueError(f"runtime 'torchscript' takes a .pt file from tools/export.py --format torchscript, got {path}")
-        return _load_torchscript(path, precision, num_threads)
-    try:
-        if runtime == "openvino":
-            return _load_openvino(path, precision, num_threads)
-        return _load_onnxruntime(path, precision, num_threads)
-    except (RuntimeUnavailableError, ValueError):
-        raise
-    except Exception as e:  # the runtimes raise their own types for unreadable files
-        if "protobuf" in str(e).lower() or "parse" in str(e).lower() or "invalid" in str(e).lower():
-            raise ValueError(f"{path} is not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
-        raise
+    meta = read_exported_metadata(path)  # FileFormatError for a checkpoint, junk, or a foreign ONNX file
+    runtime = resolve_runtime(path, runtime)
+    return _LOADERS[runtime](path, meta, precision, num_threads)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from detection.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
 from detection.evaluation import EVALUATORS
-from detection.predictor import RUNTIMES
+from detection.files import RUNTIMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
-    p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
+    p.add_argument("--runtime", choices=list(RUNTIMES), help="default from the file's bytes: torch for checkpoints, onnxruntime for ONNX, torchscript for TorchScript")
     p.add_argument("--data-path", help="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)")
     p.add_argument("--split", help="split to evaluate (default: the training run's val split, or the one *val* split found)")
     p.add_argument("--output-dir", help="where to write detections_*.json and metrics.json (default: beside the checkpoint)")
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from detection.data import CocoDetection
     from detection.data.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
-    from detection.predictor import EXPORTED_SUFFIXES, Predictor
+    from detection.files import is_exported
+    from detection.predictor import Predictor
 
     path = Path(args.checkpoint)
     setup_logging()
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        exported = path.suffix.lower() in EXPORTED_SUFFIXES or args.runtime not in (None, "torch")
+        exported = is_exported(path, args.runtime)
         if exported and args.device == "cuda":
             raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
         device = "cpu" if exported else resolve_device(args.device)

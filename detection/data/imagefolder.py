@@ -8,6 +8,10 @@ split's classes are the label space and the validation split is read through the
 Policy for bad input (each case is tested):
 
 - A missing split folder, or a split with no class folder: an error naming the folder.
+- A split that defines the classes (the training split) with fewer than two class
+  folders: an error naming the expected layout. A one-class "classifier" learns
+  nothing (loss 0, top-1 100 %), and it is what a COCO root or a folder of images
+  one level too high gives.
 - A class folder that holds no image: an error naming it. Skipping it instead would
   renumber every class after it and change the classifier's size without a word.
 - A validation class that the training split lacks: an error naming it (the model
@@ -101,6 +105,18 @@ def _scan(split_dir: Path) -> tuple[list[str], dict[str, list[str]], list[str]]:
     return classes, files, ignored
 
 
+def _too_few_classes(root: Path, split: str, found: list[str]) -> str:
+    what = f"one class folder ({found[0]!r})" if found else "no class folder"
+    coco = (root / "annotations").is_dir()
+    hint = (f"; {root} looks like a COCO detection root (it has annotations/): train a detector on it with tools/train_det.py"
+            if coco else "")
+    return (
+        f"{root / split} holds {what}; a classifier needs at least two. Expected layout: {root}/{split}/<class>/<image> "
+        f"with one folder per class, e.g. {root}/{split}/cat/1.jpg and {root}/{split}/dog/2.jpg (and the same classes "
+        f"under {root}/val/){hint}"
+    )
+
+
 class ImageFolder(SkippingDataset):
     """One split of an ImageFolder tree; items are ``(image, label)``.
 
@@ -120,8 +136,9 @@ class ImageFolder(SkippingDataset):
         num_ignored: files skipped at the scan (not images, or outside class folders).
 
     Raises:
-        ImageFolderError: missing folder, no class folder, an empty class folder,
-            or a class that ``classes`` lacks.
+        ImageFolderError: missing folder, no class folder, fewer than two class
+            folders where this split defines the classes, an empty class folder, or a
+            class that ``classes`` lacks.
     """
 
     def __init__(
@@ -143,6 +160,8 @@ class ImageFolder(SkippingDataset):
                 + (f"; also empty: {', '.join(empty[1:6])}" if len(empty) > 1 else "")
                 + "; add images or remove the folder"
             )
+        if classes is None and len(found) < 2:
+            raise ImageFolderError(_too_few_classes(self.root, split, found))
         self.classes = list(classes) if classes is not None else found
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in found if name not in self.class_to_idx]
