@@ -1,0 +1,112 @@
+"""The scaffold every tool stands on: logging once, the device, the process group, user errors, clean-up.
+
+A tool parses its flags, checks what it will read, then does its work inside
+``run_tool``; only ``tools/`` print and exit, so this module returns exit codes and
+prints nothing but the one ``error:`` line a user's mistake deserves:
+
+    def main(argv=None) -> int:
+        args = parse_args(argv)
+        return run_tool(lambda: work(args), user_errors=USER_ERRORS)
+
+A user's mistake (a flag, a file, a folder; the ``user_errors`` types) is one
+``error: ...`` line and exit 2; training that diverged (``NonFiniteLossError``) is one
+line and exit 1; Ctrl-C is exit 130; the process group is left in every case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from backbones.weights import WeightsError
+
+from . import distributed as dist_utils
+from .config import ConfigError, resolve_device
+from .logs import setup_logging
+from .runner import NonFiniteLossError
+
+__all__ = ["DEVICES", "DTYPES", "USER_ERRORS", "fail", "init_device", "parse_dtype", "removed_on_failure", "run_tool"]
+
+# The shared layers' user errors; a task's tools add their own (``detection.cli.USER_ERRORS``).
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, WeightsError, FileNotFoundError)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """``"float32"`` -> ``None`` (full precision), ``"bfloat16"`` / ``"float16"`` -> the torch dtype.
+
+    Args:
+        name: one of ``DTYPES``.
+    """
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def fail(message: object, code: int = 2) -> int:
+    """Print ``error: message`` on stderr and return ``code``."""
+    text = str(message).strip() or type(message).__name__
+    print(f"error: {text}", file=sys.stderr)
+    return code
+
+
+def run_tool(work: Callable[[], int | None], *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS, logging: bool = True) -> int:
+    """Run a tool's work with the project's logging and its error and exit-code conventions.
+
+    Args:
+        work: the tool's body; returns its exit code (``None``: 0).
+        user_errors: exception types that are the user's mistake (one line, exit 2).
+        logging: set up the project's console logging first (tools that print tables may skip it).
+
+    Returns:
+        The exit code: the work's, 2 for a user's mistake, 1 for a run that diverged, 130 for Ctrl-C.
+    """
+    if logging:
+        setup_logging()
+    try:
+        code = work()
+        return 0 if code is None else int(code)
+    except user_errors as e:
+        return fail(e)
+    except NonFiniteLossError as e:
+        return fail(e, code=1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        dist_utils.cleanup()
+
+
+def init_device(device: str) -> torch.device:
+    """Resolve ``auto``, join the process group under ``torchrun`` and return this rank's device.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        ConfigError: ``"cuda"`` without a CUDA device.
+    """
+    return dist_utils.init_distributed(resolve_device(device))
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | Path) -> Iterator[Path]:
+    """Yield ``folder``; if it did not exist before and the block raises, remove it again (nothing half-written).
+
+    Args:
+        folder: the output folder a tool is about to fill.
+    """
+    folder = Path(folder)
+    existed = folder.exists()
+    try:
+        yield folder
+    except BaseException:
+        if not existed and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
