@@ -57,6 +57,7 @@ __all__ = [
     "preflight",
     "record_step",
     "restart_records",
+    "save_checkpoint",
     "seed_worker",
     "setup_run",
     "train",
@@ -277,7 +278,10 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any], lr: float) -> torch.o
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: dict[str, Any], iters_per_epoch: int, total_iters: int, *, warmup_iters: int | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then multi-step (``lr_steps`` in epochs) or cosine decay; stepped per iteration.
+    """Linear warm-up, then multi-step (``lr_steps`` in epochs), cosine or poly decay; stepped per iteration.
+
+    Poly is torchvision's segmentation schedule: the rate falls as ``(1 - t / T) ** 0.9``
+    over the ``T`` iterations of the whole schedule, reaching 0 at the end.
 
     Args:
         optimizer: the optimizer.
@@ -292,6 +296,7 @@ def build_scheduler(
     milestones = [int(round(e * iters_per_epoch)) for e in cfg["lr_steps"]]
     gamma = float(cfg["lr_gamma"])
     cosine = cfg["scheduler"] == "cosine"
+    poly = cfg["scheduler"] == "poly"
 
     def lr_at(it: int) -> float:
         scale = 1.0
@@ -300,6 +305,8 @@ def build_scheduler(
             scale = factor * (1 - alpha) + alpha
         if cosine:
             return scale * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / max(total_iters, 1)))
+        if poly:
+            return scale * (1 - min(it, total_iters) / max(total_iters, 1)) ** 0.9
         return scale * gamma ** sum(it >= m for m in milestones)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
@@ -355,6 +362,8 @@ class TrainState:
         lr: the batch-scaled base learning rate.
         ema: a moving average of the weights, or ``None``.
         iteration: iterations completed.
+        last_checkpoint: ``(path, iteration)`` of the newest training state written or resumed
+            from, named when a run has to stop.
     """
 
     model: nn.Module
@@ -367,6 +376,7 @@ class TrainState:
     lr: float
     ema: AveragedModel | None = None
     iteration: int = 0
+    last_checkpoint: tuple[Path, int] | None = None
 
     def load(self, ckpt: dict[str, Any]) -> None:
         """Restore from a training checkpoint's dict (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``iteration``)."""
@@ -758,8 +768,8 @@ def train_one_epoch(task: Task, state: TrainState, data: TrainData, epoch: int, 
         state.iteration += 1
         task.after_step(state, cfg, epoch)
         window = record_step(terms, window, bar, state.optimizer, state.iteration, epoch, data.stop_at, run, metrics)
-        if state.iteration % cfg["checkpoint_period"] == 0 and run.is_main:
-            task.save_checkpoint(state, data, run, run.out / "checkpoint.pth", epoch=epoch)
+        if state.iteration % cfg["checkpoint_period"] == 0:
+            save_checkpoint(task, state, data, run, epoch=epoch)
         if state.iteration >= data.stop_at:
             break
         t_data = time.perf_counter()
@@ -840,6 +850,7 @@ def train(task: Task, cfg: dict[str, Any], *, resume: str | Path | bool | None =
         if resume:
             path = resume_path(run.cfg, resume)
             state.load(task.read_checkpoint(path))
+            state.last_checkpoint = (path, state.iteration)
             logger.info("resumed from %s at iteration %d", path, state.iteration)
         if run.is_main:
             logger.info("%s", task.describe(state, data, run))
@@ -847,13 +858,40 @@ def train(task: Task, cfg: dict[str, Any], *, resume: str | Path | bool | None =
         if resume and eval_due(run.cfg, state.iteration, data.iters_per_epoch, data.stop_at) and not metrics.evaluated_at(state.iteration):
             logger.info("the evaluation after iteration %d did not finish before the run stopped; running it now", state.iteration)
             evaluate_run(task, state, data, run, metrics)
-        train_epochs(task, state, data, run, metrics)
+        try:
+            train_epochs(task, state, data, run, metrics)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e}; {_last_good(state)}") from None
         final = finish(task, state, data, run, metrics)
         metrics.close()
         if run.is_main:
             logger.info("done: %d iterations in %.1f s; %s", state.iteration, time.perf_counter() - t_start, task.format_metrics(final))
     dist_utils.barrier()
     return {"iteration": state.iteration, "metrics": final, "seconds": time.perf_counter() - t_start, "data": data}
+
+
+def save_checkpoint(task: Task, state: TrainState, data: TrainData, run: Run, *, epoch: int) -> None:
+    """Write ``checkpoint.pth`` through the task (rank 0) and remember it as the last good state.
+
+    Args:
+        task: the task (its file format).
+        state: the state to save.
+        data: the task's data.
+        run: the run.
+        epoch: epochs completed (the epoch in progress for a mid-epoch save).
+    """
+    path = run.out / "checkpoint.pth"
+    if run.is_main:
+        task.save_checkpoint(state, data, run, path, epoch=epoch)
+    state.last_checkpoint = (path, state.iteration)
+
+
+def _last_good(state: TrainState) -> str:
+    # Skipped steps leave the weights alone, so the newest checkpoint still holds finite weights.
+    if state.last_checkpoint is None:
+        return "no checkpoint was written before the losses diverged: start afresh with a lower --lr"
+    path, iteration = state.last_checkpoint
+    return f"the last good checkpoint is {path} (iteration {iteration}): resume from it with --resume {path} and a lower --lr"
 
 
 def train_epochs(task: Task, state: TrainState, data: TrainData, run: Run, metrics: MetricsLog) -> None:
@@ -873,8 +911,7 @@ def train_epochs(task: Task, state: TrainState, data: TrainData, run: Run, metri
             break
         train_one_epoch(task, state, data, epoch, run, metrics, bar)
         epoch_done = state.iteration == (epoch + 1) * data.iters_per_epoch
-        if run.is_main:
-            task.save_checkpoint(state, data, run, run.out / "checkpoint.pth", epoch=epoch + 1 if epoch_done else epoch)
+        save_checkpoint(task, state, data, run, epoch=epoch + 1 if epoch_done else epoch)
         if eval_due(run.cfg, state.iteration, data.iters_per_epoch, data.stop_at):
             evaluate_run(task, state, data, run, metrics)
     bar.close()

@@ -196,18 +196,23 @@ def test_nonfinite_loss_is_skipped_then_stops_naming_the_term(tmp_path, monkeypa
 
     monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
     original = RoIHeads.forward
+    steps = []
 
     def poisoned(self, *args, **kwargs):
         result, losses = original(self, *args, **kwargs)
         if self.training:
-            losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
+            steps.append(1)
+            if len(steps) > 2:  # two good steps (each checkpointed), then only NaN
+                losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
         return result, losses
 
     monkeypatch.setattr(RoIHeads, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row.*loss_box_reg"):
-        train(_tiny_cfg(tmp_path / "nan", "max_nonfinite=3", "max_iters=5"), progress=False)
-    log = (tmp_path / "nan" / "log.txt").read_text()
-    assert "non-finite loss at iteration 0 in loss_box_reg; step skipped (1 in a row)" in log
+    out = tmp_path / "nan"
+    # Skipped steps leave the weights alone, so the checkpoint after the second skip (iteration 4) is still good.
+    with pytest.raises(FloatingPointError, match=rf"3 non-finite losses in a row.*loss_box_reg.*last good checkpoint is {out / 'checkpoint.pth'} \(iteration 4\)"):
+        train(_tiny_cfg(out, "max_nonfinite=3", "max_iters=6", "checkpoint_period=1"), progress=False)
+    log = (out / "log.txt").read_text()
+    assert "non-finite loss at iteration 2 in loss_box_reg; step skipped (1 in a row)" in log
     assert log.count("non-finite loss at iteration") == 3
 
 
