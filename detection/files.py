@@ -239,9 +239,11 @@ def container_of(path: str | os.PathLike) -> str:
     try:
         _scan_onnx(path)
     except _NotOnnx as e:
+        # Where the ONNX scan failed helps with a .onnx file; for anything else it is noise.
+        detail = f" ({e})" if path.suffix.lower() == ".onnx" else ""
         raise FileFormatError(
             f"{path} is not a model file this project reads: its {path.stat().st_size} bytes start with {head.hex() or 'nothing'}, "
-            f"which is neither a torch file (a zip archive or a pickle) nor an ONNX model ({e})"
+            f"which is neither a torch file (a zip archive or a pickle) nor an ONNX model{detail}"
         ) from None
     return "onnx"
 
@@ -266,7 +268,7 @@ def kind_of(obj: Any) -> str | None:
 
 
 def read_torch_file(path: str | os.PathLike) -> Any:
-    """Read a ``torch.save`` file as data (``weights_only=True``), refusing exported files by name.
+    """Read a ``torch.save`` file as data (``weights_only=True``); an exported file is refused, saying what it is.
 
     Args:
         path: the file.
@@ -278,8 +280,11 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if path.is_file():
-        container = container_of(path)
-        if container != "torch":
+        try:
+            container: str | None = container_of(path)
+        except FileFormatError:
+            container = None  # not a model file at all: read_checkpoint says why in a checkpoint's terms
+        if container not in (None, "torch"):
             raise FileFormatError(f"{path} is {_DESCRIBED[container]}, not a PyTorch checkpoint; run it with detection.load_exported (--runtime)")
     return read_checkpoint(path)
 
