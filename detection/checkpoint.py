@@ -63,8 +63,6 @@ __all__ = [
     "FileFormatError",
     "atomic_save",
     "atomic_write_text",
-    "describe_last_good",
-    "last_good_training_state",
     "load_classifier",
     "load_detector",
     "read_checkpoint",
@@ -345,61 +343,3 @@ def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = read_torch_file(path)
     return dict(_check_keys(ckpt, CLASSIFIER_TRAINING_KEYS, "classifier training checkpoint (checkpoint.pth from tools/train_cls.py)", path))
 
-
-# ---------------------------------------------------------------------------------------------
-# After a failed run
-
-
-def last_good_training_state(
-    output_dir: str | os.PathLike, *, since: float, resume: str | os.PathLike | bool | None = None, good_until: int | None = None,
-) -> tuple[Path, int] | None:
-    """The training state a run that just failed can be resumed from, with its iteration, or ``None``.
-
-    That is ``output_dir/checkpoint.pth`` when this run wrote it (modified at or after
-    ``since``), else the file the run resumed from, provided its iteration is at most
-    ``good_until`` (a checkpoint written during a streak of non-finite losses holds the
-    weights that diverged).
-
-    Args:
-        output_dir: the run's output folder.
-        since: ``time.time()`` when the run started.
-        resume: the run's ``resume`` argument (``True``: ``output_dir/checkpoint.pth``).
-        good_until: the last iteration whose weights still gave finite losses, if known.
-    """
-    own = Path(output_dir) / "checkpoint.pth"
-    candidates = [own] if own.is_file() and own.stat().st_mtime >= since else []
-    if resume:
-        candidates.append(own if resume is True else Path(resume))
-    for path in candidates:
-        try:
-            iteration = int(read_torch_file(path).get("iteration"))
-        except (FileFormatError, TypeError, ValueError, AttributeError, OSError):
-            continue
-        if good_until is None or iteration <= good_until:
-            return path, iteration
-    return None
-
-
-def describe_last_good(error: BaseException, output_dir: str | os.PathLike, *, since: float, resume: str | os.PathLike | bool | None = None) -> str:
-    """One sentence for a run stopped by non-finite losses: which checkpoint to resume from, or that there is none.
-
-    Args:
-        error: the ``NonFiniteLossError``; its ``iteration`` and ``in_a_row`` (or its
-            message, "N non-finite losses in a row, last at iteration I") give the last
-            iteration whose weights were still good.
-        output_dir: the run's output folder.
-        since: ``time.time()`` when the run started.
-        resume: the run's ``resume`` argument.
-    """
-    import re
-
-    last, count = getattr(error, "iteration", None), getattr(error, "in_a_row", None)
-    if last is None or count is None:
-        found = re.search(r"(\d+) non-finite losses in a row, last at iteration (\d+)", str(error))
-        count, last = (int(found.group(1)), int(found.group(2))) if found else (None, None)
-    good_until = last - count if last is not None and count is not None else None
-    found_state = last_good_training_state(output_dir, since=since, resume=resume, good_until=good_until)
-    if found_state is None:
-        return "no good checkpoint was written before the losses diverged: start afresh with a lower --lr"
-    path, iteration = found_state
-    return f"the last good checkpoint is {path} (iteration {iteration}): resume from it with --resume {path} and a lower --lr"

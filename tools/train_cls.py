@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from detection.cli import DEVICES, USER_ERRORS
+from engine.cli import DEVICES, USER_ERRORS
 from detection.config import apply_overrides, list_recipes, load_config
 from detection.models import BACKBONES
 
@@ -70,18 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from detection import distributed as dist_utils
-    from detection.checkpoint import describe_last_good
     from engine.runner import NonFiniteLossError
 
     setup_logging()
-    started = time.time()
     try:
         result = train_classifier(cfg, resume=args.resume, progress=not args.no_progress)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
-        print(f"error: {e}; {describe_last_good(e, cfg['output_dir'], since=started, resume=args.resume)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # names the last good checkpoint (engine.runner), or says there is none
         return 1
     if dist_utils.is_main_process():
         m = result["metrics"]

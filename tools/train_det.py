@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from detection.cli import DEVICES, USER_ERRORS
+from engine.cli import DEVICES, USER_ERRORS
 from detection.config import apply_overrides, default_recipe, list_recipes, load_config
 from detection.models import ARCHS, BACKBONES
 
@@ -71,12 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from detection import distributed as dist_utils
-    from detection.checkpoint import describe_last_good
     from detection.evaluation import format_metrics
     from engine.runner import NonFiniteLossError
 
     setup_logging()
-    started = time.time()
     try:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except USER_ERRORS as e:
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except NonFiniteLossError as e:
-        print(f"error: {e}; {describe_last_good(e, cfg['output_dir'], since=started, resume=args.resume)}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # names the last good checkpoint (engine.runner), or says there is none
         return 1
     if dist_utils.is_main_process():
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
