@@ -242,7 +242,7 @@ def container_of(path: str | os.PathLike) -> str:
         # Where the ONNX scan failed helps with a .onnx file; for anything else it is noise.
         detail = f" ({e})" if path.suffix.lower() == ".onnx" else ""
         raise FileFormatError(
-            f"{path} is not a model file this project reads: its {path.stat().st_size} bytes start with {head.hex() or 'nothing'}, "
+            f"could not read {path} as a model file: its {path.stat().st_size} bytes start with {head.hex() or 'nothing'}, "
             f"which is neither a torch file (a zip archive or a pickle) nor an ONNX model{detail}"
         ) from None
     return "onnx"
