@@ -144,7 +144,7 @@ RUN = Schema(
         "lr_reference_batch": 16,
         "momentum": 0.9,
         "weight_decay": 1e-4,
-        "scheduler": "multistep",  # multistep | cosine
+        "scheduler": "multistep",  # multistep | cosine | poly ((1 - t/T)^0.9, torchvision's segmentation reference)
         "lr_steps": [8, 11],  # epochs, for multistep
         "lr_gamma": 0.1,
         "warmup_factor": 0.001,  # lr fraction the warm-up starts from
@@ -175,7 +175,7 @@ RUN = Schema(
         "lr_reference_batch": POS_INT,
         "momentum": ("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
         "weight_decay": NONNEG_NUM,
-        "scheduler": choice("multistep", "cosine"),
+        "scheduler": choice("multistep", "cosine", "poly"),
         "lr_steps": ("a list of epochs (non-negative numbers)", lambda v: isinstance(v, list) and all(NONNEG_NUM[1](x) for x in v)),
         "lr_gamma": POS_NUM,
         "warmup_factor": ("a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1),

@@ -10,6 +10,11 @@ is written atomically (a kill at any moment leaves the previous file or the new 
 * ``class_names``: one name per output channel, index = label (``"__background__"``
   first for data with a background);
 * ``format_version``, and optionally ``config`` (the training config) and ``iteration``.
+
+A **segmenter training state** (``checkpoint.pth``, ``save_segmenter_training_state``) is
+a segmenter file plus ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``iteration``
+and ``config``: what an iteration-exact ``tools/train_seg.py --resume`` needs. Being a
+segmenter file too, it is also what ``load_segmenter`` takes.
 """
 
 from __future__ import annotations
@@ -28,11 +33,37 @@ from engine.files import atomic_save
 
 from .models import ARCHS, rebuild_segmenter
 
-__all__ = ["FORMAT_VERSION", "SEGMENTER_KEYS", "load_segmenter", "save_segmenter"]
+__all__ = [
+    "FORMAT_VERSION",
+    "SEGMENTER_KEYS",
+    "SEGMENTER_TRAINING_KEYS",
+    "load_segmenter",
+    "read_segmenter_training_state",
+    "save_segmenter",
+    "save_segmenter_training_state",
+]
 
 FORMAT_VERSION = 1
 SEGMENTER_KEYS = ("model", "build_args", "class_names")
+SEGMENTER_TRAINING_KEYS = SEGMENTER_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config")
 OPTIONAL_KEYS = ("config", "iteration", "format_version")
+
+
+def _segmenter_record(model: nn.Module, class_names: Sequence[str]) -> dict[str, Any]:
+    model = getattr(model, "module", model)
+    build_args = getattr(model, "build_args", None)
+    if not isinstance(build_args, Mapping):
+        raise ValueError("model has no build_args: build it with segmentation.build_segmenter to make it reloadable")
+    names = [str(n) for n in class_names]
+    if len(names) != build_args["num_classes"]:
+        raise ValueError(f"class_names has {len(names)} names for a model with num_classes={build_args['num_classes']}")
+    record: dict[str, Any] = {
+        "model": {k: v.detach() for k, v in model.state_dict().items()},
+        "build_args": dict(build_args),
+        "class_names": names,
+        "format_version": FORMAT_VERSION,
+    }
+    return record
 
 
 def save_segmenter(
@@ -55,24 +86,73 @@ def save_segmenter(
     Returns:
         The destination path.
     """
-    model = getattr(model, "module", model)
-    build_args = getattr(model, "build_args", None)
-    if not isinstance(build_args, Mapping):
-        raise ValueError("model has no build_args: build it with segmentation.build_segmenter to make it reloadable")
-    names = [str(n) for n in class_names]
-    if len(names) != build_args["num_classes"]:
-        raise ValueError(f"class_names has {len(names)} names for a model with num_classes={build_args['num_classes']}")
-    record: dict[str, Any] = {
-        "model": {k: v.detach() for k, v in model.state_dict().items()},
-        "build_args": dict(build_args),
-        "class_names": names,
-        "format_version": FORMAT_VERSION,
-    }
+    record = _segmenter_record(model, class_names)
     if config is not None:
         record["config"] = dict(config)
     if iteration is not None:
         record["iteration"] = int(iteration)
     return atomic_save(record, path)
+
+
+def save_segmenter_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    class_names: Sequence[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    epoch: int,
+    iteration: int,
+    config: Mapping[str, Any],
+) -> Path:
+    """Write everything an iteration-exact segmentation resume needs, atomically.
+
+    Args:
+        path: destination (``checkpoint.pth``).
+        model: the segmenter (possibly DDP-wrapped).
+        class_names: one name per output channel, in label order.
+        optimizer: its optimizer.
+        scheduler: the per-iteration LR scheduler.
+        scaler: the ``GradScaler`` (its state is empty when disabled).
+        epoch: epochs completed.
+        iteration: iterations completed.
+        config: the run's config.
+
+    Returns:
+        The destination path.
+    """
+    record = _segmenter_record(model, class_names)
+    record.update({
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config),
+    })
+    return atomic_save(record, path)
+
+
+def read_segmenter_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a segmentation ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+
+    Args:
+        path: the training state file.
+
+    Raises:
+        WeightsError: the file is missing, unreadable or carries code.
+        CheckpointError: it is readable but not a segmenter training state (e.g. a
+            ``model_final.pth``, which has no optimizer, or a detector's checkpoint).
+    """
+    ckpt = read_checkpoint(path)
+    missing = [k for k in SEGMENTER_TRAINING_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a segmentation training checkpoint (checkpoint.pth from tools/train_seg.py): "
+            f"it lacks {missing} (found {found})"
+        )
+    arch = ckpt["build_args"].get("arch") if isinstance(ckpt["build_args"], Mapping) else None
+    if arch not in ARCHS:
+        raise CheckpointError(f"{path} is not a segmentation training checkpoint: its arch is {arch!r}, a segmenter's is one of {list(ARCHS)}")
+    return dict(ckpt)
 
 
 def load_segmenter(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:

@@ -69,6 +69,7 @@ from detection.data.skips import SkippingDataset  # noqa: E402
 
 __all__ = [
     "BACKGROUND",
+    "COCO_VOC_CATEGORIES",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -97,6 +98,8 @@ VOC_CLASSES: tuple[str, ...] = (
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 SHAPES_SEG_CLASSES: tuple[str, ...] = (BACKGROUND, *SHAPES_CLASSES)
+# torchvision's references/segmentation CAT_LIST without its 0: the COCO ids of VOC's 20 classes, in VOC's label order.
+COCO_VOC_CATEGORIES: tuple[int, ...] = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
 _LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
@@ -403,6 +406,10 @@ class CocoSegmentation(_SegmentationDataset):
             normalised, no resizing).
         drop_empty: leave out images without any non-crowd annotation (for training).
         ignore_index: label of overlaps and crowd regions.
+        categories: COCO category ids that get labels ``1..K`` in this order; annotations
+            of other categories are dropped, their pixels background (torchvision's
+            ``FilterAndRemapCocoCategories``; ``COCO_VOC_CATEGORIES`` is its VOC subset).
+            ``None``: every category, in id order.
     """
 
     def __init__(
@@ -413,6 +420,7 @@ class CocoSegmentation(_SegmentationDataset):
         transforms: Transform | None = None,
         drop_empty: bool = False,
         ignore_index: int = IGNORE_INDEX,
+        categories: Sequence[int] | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -423,14 +431,24 @@ class CocoSegmentation(_SegmentationDataset):
         data = _load_annotations(self.ann_file)  # validates ids, names and boxes; errors name the file
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_dir} (annotations: {self.ann_file})")
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        if len(categories) >= ignore_index:
-            raise AnnotationError(f"{self.ann_file}: {len(categories)} categories do not fit labels 1..{ignore_index - 1}")
-        self.cat_ids: list[int] = [c["id"] for c in categories]
-        self.class_names = [BACKGROUND] + [c["name"] for c in categories]
+        found = sorted(data["categories"], key=lambda c: c["id"])
+        if categories is None:
+            chosen = found
+        else:
+            by_id = {c["id"]: c for c in found}
+            unknown = [i for i in categories if i not in by_id]
+            if unknown or not categories:
+                raise AnnotationError(f"{self.ann_file}: categories {unknown or list(categories)} are not among its category ids {sorted(by_id)}")
+            chosen = [by_id[i] for i in categories]
+        if len(chosen) >= ignore_index:
+            raise AnnotationError(f"{self.ann_file}: {len(chosen)} categories do not fit labels 1..{ignore_index - 1}")
+        self.cat_ids: list[int] = [c["id"] for c in chosen]
+        self.class_names = [BACKGROUND] + [c["name"] for c in chosen]
         self.cat_id_to_label: dict[int, int] = {cat_id: i for i, cat_id in enumerate(self.cat_ids, start=1)}
         anns_by_image: dict[int, list[dict[str, Any]]] = {}
         for ann in data["annotations"]:
+            if ann["category_id"] not in self.cat_id_to_label:
+                continue  # a category left out by ``categories``: its pixels stay background
             if not ann.get("segmentation"):
                 raise AnnotationError(f"{self.ann_file}: annotation id {ann['id']} has no segmentation, which a class map needs")
             anns_by_image.setdefault(ann["image_id"], []).append(ann)
