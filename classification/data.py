@@ -29,7 +29,7 @@ Policy for bad input (each case is tested):
   (:func:`~detection.data.coco.read_image_rgb`).
 
 The built-in *shapes* classification set (:func:`generate_shapes_classification`) is
-cut from scenes of the detection generator (:func:`detection.data.shapes.render_image`):
+cut from scenes of the detection generator (:func:`engine.shapes.render_image`):
 one crop around each object, labelled with its class, plus background patches that
 hold no object, so a trunk pretrained on it has seen the detection data's own pixels.
 """
@@ -45,10 +45,10 @@ import cv2
 import numpy as np
 import torch
 
-from detection.data import shapes
-from detection.data.coco import read_image_rgb
-from detection.data.roots import DataPathError, generate_atomically
-from detection.data.skips import SkippingDataset
+from engine import shapes
+from engine.images import read_image_rgb
+from engine.datasets import DataPathError, cache_root, generate_atomically
+from engine.skips import SkippingDataset
 
 __all__ = [
     "BACKGROUND_CLASS",
@@ -356,7 +356,7 @@ def shapes_cls_cache_dir(cfg: dict[str, Any]) -> Path:
     Args:
         cfg: a config with the ``shapes_*`` keys of the classification schema.
     """
-    base = Path(os.environ.get("RESFPN_CACHE", Path.home() / ".cache" / "resfpn"))
+    base = cache_root()
     name = f"shapes-cls-{cfg['shapes_size']}px-{cfg['shapes_crop_size']}-{cfg['shapes_train']}-{cfg['shapes_val']}-seed{cfg['shapes_seed']}"
     return base / name
 

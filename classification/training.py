@@ -27,8 +27,8 @@ from torch.utils.data import BatchSampler, DistributedSampler
 from backbones.resnet import ResNet, resnet
 from backbones.weights import imagenet_file, load_pretrained, normalize_state_dict, read_checkpoint
 from detection.checkpoint import read_classifier_training_state, save_classifier, save_classifier_training_state
-from detection.data.imagefolder import ImageFolder, build_cls_transform, prepare_cls_data_root
-from detection.visualize import plot_curves
+from classification.data import ImageFolder, build_cls_transform, prepare_cls_data_root
+from engine.plots import plot_curves
 from engine import distributed as dist_utils
 from engine import runner
 from engine.config import ConfigError

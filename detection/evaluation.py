@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import distributed as dist_utils
+from engine import distributed as dist_utils
 
 __all__ = [
     "METRIC_NAMES",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_detector
-from .data.coco import image_to_tensor, read_image_rgb
+from engine.images import image_to_tensor, read_image_rgb
 from .files import RUNTIMES, is_exported, resolve_runtime
 from .models import has_masks
 

@@ -27,7 +27,9 @@ from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_
 from .data.roots import find_splits, prepare_data_root
 from .evaluation import evaluate, format_metrics, format_per_category
 from .models import BACKBONES, build_detector, count_parameters
-from .visualize import draw_detections, plot_curves, save_image
+from engine.plots import plot_curves, save_image
+
+from .visualize import draw_detections
 
 __all__ = ["DetectionData", "DetectionTask", "EvaluationError", "TASK", "preflight", "train"]
 

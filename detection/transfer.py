@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .classification import CLASSIFICATION, train_classifier
+from classification import CLASSIFICATION, train_classifier
 from .config import apply_overrides, load_config
-from .data.imagefolder import generate_shapes_classification
+from classification.data import generate_shapes_classification
 from .data.roots import prepare_data_root
-from .engine import train
-from .logs import log_to_file
+from .training import train
+from engine.logs import log_to_file
 
 __all__ = ["ARMS", "SCRATCH_SET", "plot_transfer", "run_transfer_demo"]
 

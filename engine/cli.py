@@ -25,6 +25,9 @@ import torch
 
 from backbones.weights import WeightsError
 
+from .coco import AnnotationError
+from .datasets import DataPathError
+
 from . import distributed as dist_utils
 from .config import ConfigError, resolve_device
 from .logs import setup_logging
@@ -32,8 +35,9 @@ from .runner import NonFiniteLossError
 
 __all__ = ["DEVICES", "DTYPES", "USER_ERRORS", "fail", "init_device", "parse_dtype", "removed_on_failure", "run_tool"]
 
-# The shared layers' user errors; a task's tools add their own (``detection.cli.USER_ERRORS``).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, WeightsError, FileNotFoundError)
+# A user's mistake (a flag, a file, a folder): one "error: ..." line and exit 2, no traceback.
+# WeightsError covers FileFormatError and the checkpoint errors; DataPathError the data layouts.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, WeightsError, DataPathError, AnnotationError, FileNotFoundError)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -53,19 +53,12 @@ from torch.utils.data import get_worker_info
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
-# Shared with detection for now (the lead moves them to a shared data layer):
-from detection.data.coco import (  # noqa: E402
-    AnnotationError,
-    _load_annotations,
-    exif_orientation,
-    image_to_tensor,
-    read_image_rgb,
-    upright_size,
-)
-from detection.data.roots import generate_atomically  # noqa: E402
-from detection.data.shapes import SHAPES_CLASSES  # noqa: E402
-from detection.data.shapes import generate as generate_shapes  # noqa: E402
-from detection.data.skips import SkippingDataset  # noqa: E402
+from engine.coco import AnnotationError, load_coco_annotations  # noqa: E402
+from engine.images import exif_orientation, image_to_tensor, read_image_rgb, upright_size  # noqa: E402
+from engine.datasets import generate_atomically  # noqa: E402
+from engine.shapes import SHAPES_CLASSES  # noqa: E402
+from engine.shapes import generate as generate_shapes  # noqa: E402
+from engine.skips import SkippingDataset  # noqa: E402
 
 __all__ = [
     "BACKGROUND",
@@ -428,7 +421,7 @@ class CocoSegmentation(_SegmentationDataset):
         self.img_dir = self.root / split
         self.transforms = transforms if transforms is not None else build_seg_transforms(train=False)
         self.ignore_index = ignore_index
-        data = _load_annotations(self.ann_file)  # validates ids, names and boxes; errors name the file
+        data = load_coco_annotations(self.ann_file)  # validates ids, names and boxes; errors name the file
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_dir} (annotations: {self.ann_file})")
         found = sorted(data["categories"], key=lambda c: c["id"])

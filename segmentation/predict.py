@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from detection.data.coco import image_to_tensor  # shared image helper; moves to a shared layer
+from engine.images import image_to_tensor
 
 from .checkpoint import load_segmenter
 from .data import IMAGENET_MEAN, IMAGENET_STD

@@ -92,7 +92,7 @@ def draw_segmentation(
         legend: draw a key of the classes present in the top-left corner.
 
     Returns:
-        A uint8 CHW tensor (``detection.visualize.save_image`` writes it).
+        A uint8 CHW tensor (``engine.plots.save_image`` writes it).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

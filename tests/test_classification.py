@@ -17,7 +17,7 @@ from PIL import Image
 from backbones import load_pretrained, resnet18, resnet18_fpn
 from backbones.weights import WeightsError
 from detection.checkpoint import CheckpointError, load_classifier, read_checkpoint, read_classifier_training_state, save_classifier
-from detection.classification import (
+from classification import (
     CLASSIFICATION,
     accuracy,
     build_ema,
@@ -27,8 +27,8 @@ from detection.classification import (
     train_classifier,
 )
 from detection.config import ConfigError, apply_overrides, load_config
-from detection.data.imagefolder import ImageFolder, ImageFolderError, build_cls_transform, generate_shapes_classification
-from detection.engine import build_optimizer
+from classification.data import ImageFolder, ImageFolderError, build_cls_transform, generate_shapes_classification
+from engine.runner import build_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("cat", "dog", "fox")
@@ -376,7 +376,7 @@ def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
         preflight_cls(_cfg(tmp_path / "nope", tmp_path / "run"))
     with pytest.raises(ConfigError, match="18 images, fewer than one batch of 64"):
         preflight_cls(_cfg(root, tmp_path / "run", "batch_size=64"))
-    with pytest.raises(CheckpointError, match="nothing to resume"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
         preflight_cls(_cfg(root, tmp_path / "run"), resume=True)
 
 

@@ -7,11 +7,11 @@ import torch
 import yaml
 
 from detection.config import DEFAULTS, ConfigError, apply_overrides, load_config
-from detection.engine import build_scheduler
+from engine.runner import build_scheduler
 from pathlib import Path
 
 ALL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith("cls_")]
+CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("cls_", "seg_"))]
 CLS_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("cls_")]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def test_recipes_are_found_by_name_and_listed():
 
 @pytest.mark.parametrize("path", CLS_CONFIGS, ids=[p.name for p in CLS_CONFIGS])
 def test_every_classification_recipe_loads_with_its_schema(path):
-    from detection.classification import CLASSIFICATION
+    from classification import CLASSIFICATION
 
     cfg = load_config(path, schema=CLASSIFICATION)
     assert set(cfg) == set(CLASSIFICATION.defaults)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from detection import build_detector, load_detector, ops, save_detector
-from detection.engine import build_optimizer
+from engine.runner import build_optimizer
 from detection.fast import match_detections, optimize_for_inference
+from helpers import random_statistics
 
 pytestmark = [
     pytest.mark.cuda,
@@ -63,17 +63,6 @@ def _batch(device: torch.device, *, masks: bool, seed: int = 0) -> tuple[list[to
             target["masks"] = m
         targets.append(target)
     return [img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
-
-
-def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    # Non-trivial BatchNorm buffers, so a checkpoint that dropped or mangled them would show.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.4 + 0.8)
-    return model
 
 
 def _train_steps(arch: str, depth: int, device: torch.device, dtype: torch.dtype, *, steps: int = 2, channels_last: bool = False) -> None:
@@ -194,24 +183,10 @@ def test_cpu_fast_pooler_agrees_with_torchvisions_cuda_kernel():
 
 
 @pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """tests/test_fast.py's model: a small Faster R-CNN overfitted on two shapes images (on the CPU, so it is
-    the same model every run), so it has confident detections."""
-    from detection.data import CocoDetection, collate_fn, shapes
-
-    torch.manual_seed(0)
-    root = shapes.generate(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=0, image_size=96, seed=1)
-    data = CocoDetection(root, "train")
-    images, targets = collate_fn([data[i] for i in range(len(data))])
-    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
-                           out_channels=64, representation_size=256)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    for _ in range(80):
-        loss = sum(model(images, targets).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), images
+def overfit(overfit_detector):
+    """conftest's session model, as in tests/test_fast.py: a small Faster R-CNN overfitted on two shapes images
+    (on the CPU, so it is the same model every run), so it has confident detections."""
+    return overfit_detector.model, overfit_detector.images
 
 
 def _count_matches(reference: list[dict], candidate: list[dict]) -> tuple[int, int]:
@@ -269,7 +244,7 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu(arch, tmp_path):
     torch.manual_seed(0)
     # Threshold 0: random heads score below the defaults (RetinaNet's prior is 0.01), and a full set compares more.
     thresh = {"box_score_thresh": 0.0} if arch in ("faster_rcnn", "mask_rcnn") else {"score_thresh": 0.0}
-    model = _random_statistics(_small_detector(arch, **thresh)).eval()
+    model = random_statistics(_small_detector(arch, **thresh)).eval()
     images, _ = _batch(torch.device("cpu"), masks=False)
     _check_checkpoint_to_cpu(model, CUDA, tmp_path / "model.pth", images)
     # Same weights on the same device give the same numbers: the CPU copy of the CUDA model.

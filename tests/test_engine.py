@@ -190,7 +190,7 @@ def test_log_file_gets_the_load_report_once_and_parameter_counts(tmp_path, cache
 def test_preflight_rejects_bad_inputs_before_any_work(tmp_path):
     from backbones.weights import WeightsError
     from detection.checkpoint import CheckpointError
-    from detection.data import DataPathError
+    from engine.datasets import DataPathError
 
     with pytest.raises(DataPathError, match="data path .* does not exist"):
         training.preflight(_cfg(tmp_path / "run", f"data_path={tmp_path / 'nope'}"))

@@ -11,7 +11,7 @@ from detection.evaluation import coco_evaluate, to_coco_results
 
 @pytest.fixture(scope="module")
 def ground_truth(tmp_path_factory):
-    from detection.data import shapes
+    from engine import shapes
 
     root = shapes.generate(tmp_path_factory.mktemp("shapes"), num_train=0, num_val=12, image_size=96, seed=5)
     return COCO(str(root / "annotations" / "instances_val.json"))

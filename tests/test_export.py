@@ -1,7 +1,7 @@
 """ONNX / TorchScript export and the runtimes that run it: eager's detections, metadata, int8, bad input."""
 
+import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import box_iou
 
 from detection import ARCHS, build_detector, save_detector
 from detection.export import (
@@ -23,21 +23,12 @@ from detection.export import (
 )
 from detection.fast import match_detections
 from detection.runtime import RuntimeUnavailableError, load_exported
+from helpers import random_statistics, run_tool
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-REPO = Path(__file__).resolve().parent.parent
 MAPPING = {"cat_ids": [3, 7, 9], "names": ["circle", "square", "star"]}
-
-
-def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.4 + 0.8)
-    return model
 
 
 def _small_detector(arch: str, depth: int = 18) -> nn.Module:
@@ -48,7 +39,7 @@ def _small_detector(arch: str, depth: int = 18) -> nn.Module:
                       box_score_thresh=0.0, box_detections_per_img=20)
     else:
         kwargs.update(score_thresh=0.0, detections_per_img=20, topk_candidates=50)
-    model = _random_statistics(build_detector(arch, backbone=f"resnet{depth}", **kwargs)).eval()
+    model = random_statistics(build_detector(arch, backbone=f"resnet{depth}", **kwargs)).eval()
     if arch in ("retinanet", "fcos"):
         # Their heads start at a 0.01 prior for every class, so random scores tie; spread them out.
         g = torch.Generator().manual_seed(1)
@@ -85,8 +76,8 @@ def _assert_same_detections(ref: dict, out: dict, *, masks: bool = False, min_co
 SIZES = [(128, 100), (70, 90)]
 
 
-@pytest.mark.parametrize("depth", [18, 34])
-@pytest.mark.parametrize("arch", ARCHS)
+# Every architecture once; ResNet-34 adds no layer type to the graph, so one case of it suffices.
+@pytest.mark.parametrize("arch, depth", [(arch, 18) for arch in ARCHS] + [("faster_rcnn", 34)])
 def test_onnx_export_gives_eager_detections(arch, depth, tmp_path):
     model = _small_detector(arch, depth)
     path = export_onnx(model, tmp_path / "model.onnx")
@@ -151,24 +142,12 @@ def test_exported_object_contract(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small Faster R-CNN overfitted on two shapes images (confident detections), saved as a checkpoint."""
-    from detection.data import CocoDetection, collate_fn, shapes
+def trained(overfit_detector, tmp_path_factory):
+    """conftest's overfitted Faster R-CNN (confident detections), saved as a checkpoint and exported."""
+    from detection.data import CocoDetection
 
-    torch.manual_seed(0)
-    root = shapes.generate(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=2, image_size=96, seed=1)
-    data = CocoDetection(root, "train")
-    images, targets = collate_fn([data[i] for i in range(len(data))])
-    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
-                           out_channels=64, representation_size=256)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    for _ in range(80):
-        loss = sum(model(images, targets).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    mapping = data.category_mapping()
+    model, images, root = copy.deepcopy(overfit_detector.model), overfit_detector.images, overfit_detector.root
+    mapping = CocoDetection(root, "train").category_mapping()
     model.category_mapping = mapping
     ckpt = tmp_path_factory.mktemp("ckpt") / "model_final.pth"
     save_detector(model, ckpt, category_mapping=mapping, config={"data_path": str(root), "train_split": "train"})
@@ -249,7 +228,9 @@ def test_int8_calibration_feeds_the_runtimes_input(tmp_path, monkeypatch):
     import numpy as np
     from onnxruntime import quantization
 
-    from detection.data import read_image_rgb, shapes
+    from engine.images import read_image_rgb
+
+    from engine import shapes
     from detection.runtime import ExportedDetector
 
     root = shapes.generate(tmp_path / "data", num_train=4, num_val=0, image_size=64, seed=2)
@@ -303,9 +284,8 @@ def test_export_detector_int8_from_checkpoint_config(trained, tmp_path):
 # --- bad input: clear errors, nothing half-written ----------------------------------------------
 
 
-def _run_tool(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "tools/export.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _run_tool(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_tool(["tools/export.py", *args], fresh=fresh)
 
 
 def _assert_tool_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -320,7 +300,7 @@ def _assert_tool_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
 def test_cli_exports_and_bad_invocations(trained, tmp_path):
     _, _, _, ckpt, _ = trained
     out = tmp_path / "model.onnx"
-    proc = _run_tool("--checkpoint", str(ckpt), "--output", str(out), "--opset", "17")
+    proc = _run_tool("--checkpoint", str(ckpt), "--output", str(out), "--opset", "17", fresh=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote" in proc.stdout and read_metadata(out)["opset"] == 17
 

@@ -10,18 +10,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbones import resnet_fpn
 from detection import build_detector
 from detection.fast import fold_batch_norms, match_detections, optimize_for_inference
-
-
-def _random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            # Statistics like a trained network's: activations neither vanish nor explode over 34 layers.
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.4 + 0.8)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) * 0.4 + 0.6)
-            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
-    return model
+from helpers import random_statistics
 
 
 def _eps_sized_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -29,7 +18,7 @@ def _eps_sized_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
 
     ``eps`` then makes up about half of every denominator ``var + eps``, so a fold that drops
     it scales each layer's output by about 1.4; the gains are set so that, with ``eps``, each
-    layer scales by 0.6-1.0 as in ``_random_statistics``.
+    layer scales by 0.6-1.0 as with ``helpers.random_statistics``.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -73,7 +62,7 @@ def test_bn_folding_preserves_outputs(depth, norm):
 def detector():
     torch.manual_seed(0)
     model = build_detector("mask_rcnn", num_classes=4, min_size=160, max_size=224, box_score_thresh=0.0)
-    return _random_statistics(model).eval()
+    return random_statistics(model, affine=True).eval()
 
 
 def test_fp32_fast_path_gives_the_same_detections(detector):
@@ -91,23 +80,9 @@ def test_fp32_fast_path_gives_the_same_detections(detector):
 
 
 @pytest.fixture(scope="module")
-def overfit(tmp_path_factory):
-    """A small Faster R-CNN overfitted on two shapes images, so it has confident detections."""
-    from detection.data import CocoDetection, collate_fn, shapes
-
-    torch.manual_seed(0)
-    root = shapes.generate(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=0, image_size=96, seed=1)
-    data = CocoDetection(root, "train")
-    images, targets = collate_fn([data[i] for i in range(len(data))])
-    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
-                           out_channels=64, representation_size=256)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    for _ in range(80):
-        loss = sum(model(images, targets).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), images
+def overfit(overfit_detector):
+    """conftest's session model: a small Faster R-CNN overfitted on two shapes images (confident detections)."""
+    return overfit_detector.model, overfit_detector.images
 
 
 def test_bf16_fast_path_keeps_the_confident_detections(overfit):

@@ -18,7 +18,7 @@ from PIL import Image
 from detection import build_detector, load_detector
 from detection.checkpoint import atomic_save, read_checkpoint
 from detection.config import load_config
-from detection.data.coco import image_to_tensor, read_image_rgb
+from engine.images import image_to_tensor, read_image_rgb
 from detection.models import rebuild_detector
 
 REPO = Path(__file__).resolve().parent.parent

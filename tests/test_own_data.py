@@ -21,7 +21,8 @@ from torch import nn
 from detection import atomic_save, build_detector, save_detector
 from detection.config import CONFIG_DIR, ConfigError, apply_overrides, find_recipe, list_recipes, load_config
 from detection.data import CocoDetection
-from detection.data.roots import DataPathError, find_splits
+from engine.datasets import DataPathError
+from detection.data.roots import find_splits
 from detection.evaluation import coco_evaluate, evaluate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ def _polygon_area(poly: list[list[float]]) -> float:
 
 
 def test_missing_iscrowd_and_area_are_filled_with_one_warning(hand_made: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="engine.coco"):
         ds = CocoDetection(hand_made, "val")
     anns = ds.coco.anns
     assert all(a["iscrowd"] == 0 for a in anns.values())
@@ -98,7 +99,7 @@ def test_complete_file_gives_no_fill_warning(tmp_path: Path, caplog) -> None:
     for ann in data["annotations"]:
         ann.update(iscrowd=0, area=float(ann["bbox"][2] * ann["bbox"][3]))
     _write_split(tmp_path, "val", data)
-    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="engine.coco"):
         CocoDetection(tmp_path, "val")
     assert "filled" not in caplog.text
 
@@ -319,7 +320,7 @@ def test_recipe_by_name(monkeypatch, tmp_path: Path) -> None:
 def test_unknown_recipe_lists_the_recipes() -> None:
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert [r["name"] for r in list_recipes(None)] == names
-    assert [r["name"] for r in list_recipes()] == [n for n in names if not n.startswith("cls_")]
+    assert [r["name"] for r in list_recipes()] == [n for n in names if not n.startswith(("cls_", "seg_"))]
     with pytest.raises(ConfigError, match="config file not found: faster_rcnn_r99") as info:
         load_config("faster_rcnn_r99")
     assert all(name in str(info.value) for name in names)
@@ -329,7 +330,7 @@ def test_train_cli_lists_and_finds_recipes(tmp_path: Path) -> None:
     proc = _run(["tools/train_det.py", "--list-configs"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert listed == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("cls_"))
+    assert listed == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith(("cls_", "seg_")))
     # Found by name, the recipe gets as far as checking the data folder.
     proc = _run(["tools/train_det.py", "--config", "faster_rcnn_r18_fpn_1x_coco", "--data-path", str(tmp_path / "nope"),
                  "--device", "cpu"], tmp_path)
@@ -342,7 +343,7 @@ def test_train_cli_lists_and_finds_recipes(tmp_path: Path) -> None:
 
 
 def test_metrics_epoch_under_max_iters_and_parameter_counts(tmp_path: Path, monkeypatch) -> None:
-    from detection.engine import train
+    from detection.training import train
 
     monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
     cfg = load_config(CONFIG_DIR / "shapes_faster_rcnn_r18_fpn.yaml")
@@ -364,17 +365,17 @@ def test_metrics_epoch_under_max_iters_and_parameter_counts(tmp_path: Path, monk
 
 
 def test_a_failed_final_evaluation_keeps_the_model_and_says_what_to_run(tmp_path: Path, monkeypatch) -> None:
-    from detection import engine, load_detector
+    from detection import load_detector, training
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise KeyError("iscrowd")
 
     monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine, "evaluate", broken)
+    monkeypatch.setattr(training, "evaluate", broken)
     cfg = apply_overrides(load_config(CONFIG_DIR / "shapes_faster_rcnn_r18_fpn.yaml"), [*TINY, "max_iters=1", "num_vis=0"],
                           output_dir=str(tmp_path / "run"), device="cpu", batch_size=2)
-    with pytest.raises(engine.EvaluationError) as info:
-        engine.train(cfg, progress=False)
+    with pytest.raises(training.EvaluationError) as info:
+        training.train(cfg, progress=False)
     final = tmp_path / "run" / "model_final.pth"
     assert str(final) in str(info.value) and "KeyError" in str(info.value) and "tools/eval_coco.py" in str(info.value)
     assert load_detector(final).build_args["arch"] == "faster_rcnn"

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from detection import Prediction, Predictor, build_detector, save_detector
-from detection.data import image_to_tensor
+from engine.images import image_to_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 # Label 1 is category id 7 ("cat"), label 2 is id 3 ("dog"): not the sorted order, so a

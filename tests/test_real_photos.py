@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from detection import Predictor, build_detector
 from detection import visualize
-from detection.data import CocoDetection, collate_fn, read_image_rgb
+from detection.data import CocoDetection, collate_fn
+from engine.images import read_image_rgb
 from detection.evaluation import format_per_category
 
 DARK, BRIGHT = 20, 235

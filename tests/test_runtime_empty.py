@@ -75,7 +75,8 @@ def test_openvino_empty_result_through_evaluation_and_predictor(exported, tmp_pa
     """What users met: eval_coco's ValueError on label 0, infer's category_id -1."""
     pytest.importorskip("openvino")
     from detection import Predictor
-    from detection.data import CocoDetection, shapes
+    from detection.data import CocoDetection
+    from engine import shapes
     from detection.evaluation import evaluate
 
     _, _, onnx_path, _ = exported

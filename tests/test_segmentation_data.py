@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detection.data.coco import AnnotationError
+from engine.coco import AnnotationError
 from segmentation.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,

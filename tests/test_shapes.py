@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from detection.data import SHAPES_CLASSES, CocoDetection, shapes
+from engine.shapes import SHAPES_CLASSES
+
+from detection.data import CocoDetection
+
+from engine import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 

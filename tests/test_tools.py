@@ -19,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from detection import atomic_save, load_detector
 from detection.checkpoint import read_checkpoint
 from detection.config import apply_overrides, load_config
-from detection.engine import train
+from detection.training import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -248,7 +248,7 @@ def test_ddp_two_processes_train_and_evaluate_like_one(trained, tmp_path):
 
 
 def test_unreadable_training_images_are_skipped_counted_and_logged(tmp_path, monkeypatch):
-    from detection.data import shapes
+    from engine import shapes
 
     root = shapes.generate(tmp_path / "data", num_train=8, num_val=2, image_size=64, seed=3)
     broken = sorted((root / "train").glob("*.jpg"))[:2]

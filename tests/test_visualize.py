@@ -7,7 +7,8 @@ import json
 import numpy as np
 import torch
 
-from detection.visualize import _PALETTE, _text_color, draw_detections, plot_curves
+from detection.visualize import _PALETTE, _text_color, draw_detections
+from engine.plots import plot_curves
 
 
 def _detections() -> dict[str, torch.Tensor]:

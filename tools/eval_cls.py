@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from detection.cli import DEVICES, USER_ERRORS
+from engine.cli import DEVICES, USER_ERRORS
 from detection.models import BACKBONES
 
 
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from backbones.weights import IMAGENET_WEIGHTS
-    from detection import distributed as dist_utils
-    from detection.classification import evaluate_classifier, load_classifier_weights
+    from engine import distributed as dist_utils
+    from classification import evaluate_classifier, load_classifier_weights
     from detection.config import ConfigError, resolve_device
-    from detection.data.imagefolder import ImageFolder, ImageFolderError, build_cls_transform, prepare_cls_data_root
-    from detection.logs import setup_logging
+    from classification.data import ImageFolder, ImageFolderError, build_cls_transform, prepare_cls_data_root
+    from engine.logs import setup_logging
 
     try:
         for name in ("batch_size", "resize_size", "crop_size"):

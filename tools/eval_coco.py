@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detection.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
+from engine.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
 from detection.evaluation import EVALUATORS
 from detection.files import RUNTIMES
 
@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from detection import distributed as dist_utils
-    from detection.logs import setup_logging
+    from engine import distributed as dist_utils
+    from engine.logs import setup_logging
     from detection.config import DEFAULTS, resolve_device
     from detection.data import CocoDetection
     from detection.data.roots import evaluation_data

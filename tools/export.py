@@ -34,7 +34,7 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
 
 def main(argv: "list[str] | None" = None) -> int:
     args = parse_args(argv)
-    from detection.logs import setup_logging
+    from engine.logs import setup_logging
 
     setup_logging()
     for noisy in ("root", "nncf"):  # the quantizers' advice lines

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from detection.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
+from engine.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
 from detection.predictor import EXPORTED_SUFFIXES, RUNTIMES
 
 
@@ -95,11 +95,12 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from detection.logs import setup_logging
+    from engine.logs import setup_logging
     from detection.config import resolve_device
-    from detection.data import image_to_tensor, read_image_rgb
+    from engine.images import image_to_tensor, read_image_rgb
     from detection.predictor import Predictor
-    from detection.visualize import draw_detections, save_image
+    from detection.visualize import draw_detections
+    from engine.plots import save_image
 
     setup_logging()
     out_dir = Path(args.output)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from detection.data import shapes
+from engine import shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

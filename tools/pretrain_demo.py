@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detection.cli import USER_ERRORS
+from engine.cli import USER_ERRORS
 
 ARM_NAMES = ["scratch", "pretrained"]  # detection.transfer.ARMS, without importing torch here
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from detection.logs import setup_logging
+    from engine.logs import setup_logging
     from detection.transfer import run_transfer_demo
 
     setup_logging()

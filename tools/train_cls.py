@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in list_recipes("classification"):
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
-    from detection.classification import CLASSIFICATION, default_cls_recipe, preflight_cls, train_classifier
-    from detection.logs import setup_logging
+    from classification import CLASSIFICATION, default_cls_recipe, preflight_cls, train_classifier
+    from engine.logs import setup_logging
 
     try:
         cfg = load_config(args.config or default_cls_recipe(args.data_path), schema=CLASSIFICATION)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from detection import distributed as dist_utils
+    from engine import distributed as dist_utils
     from engine.runner import NonFiniteLossError
 
     setup_logging()

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in list_recipes():
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
-    from detection.engine import EvaluationError, preflight, train
-    from detection.logs import setup_logging
+    from detection.training import EvaluationError, preflight, train
+    from engine.logs import setup_logging
 
     try:
         cfg = load_config(args.config or default_recipe(args.model, args.data_path))
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from detection import distributed as dist_utils
+    from engine import distributed as dist_utils
     from detection.evaluation import format_metrics
     from engine.runner import NonFiniteLossError
 

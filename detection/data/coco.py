@@ -39,9 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
-import json
 import logging
-import math
 import multiprocessing
 import os
 from multiprocessing.context import get_spawning_popen
@@ -50,11 +48,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import pycocotools.mask as mask_util
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
-from .skips import SkippingDataset
+from engine.images import as_rgb_array, exif_orientation, image_to_tensor, read_image_rgb, upright_size
+from engine.coco import AnnotationError, load_coco_annotations
+from engine.skips import SkippingDataset
 
 __all__ = [
     "AnnotationError",
@@ -74,89 +73,6 @@ BACKGROUND = "__background__"
 Transform = Callable[..., Mapping[str, torch.Tensor]]
 
 
-class AnnotationError(ValueError):
-    """A COCO annotation file that cannot be used; the message names the file and the entry."""
-
-
-# EXIF orientations (2..8) whose upright image has height and width swapped.
-_SWAPS_AXES = frozenset({5, 6, 7, 8})
-
-
-def exif_orientation(image: Image.Image) -> int:
-    """The image's EXIF orientation tag, 1 (as stored) when it has none or an invalid one.
-
-    Args:
-        image: an opened PIL image.
-    """
-    value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def upright_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
-    """``(height, width)`` of an image once its EXIF ``orientation`` is applied.
-
-    Args:
-        stored: ``(height, width)`` of the pixels as stored.
-        orientation: the EXIF orientation tag (1..8).
-    """
-    return (stored[1], stored[0]) if orientation in _SWAPS_AXES else stored
-
-
-def _as_rgb_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image).astype(np.int64)
-        if image.mode == "I" and values.max(initial=0) <= 255:
-            gray = values.astype(np.uint8)
-        else:
-            gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image)
-
-
-def read_image_rgb(path: str | os.PathLike[str], *, exif_transpose: bool = True) -> np.ndarray:
-    """Read an image file as RGB uint8 (H x W x 3), whatever its mode, upright.
-
-    PIL is used rather than OpenCV: OpenCV returns a grey-filled image for a
-    truncated JPEG (it only prints to stderr), where PIL raises. The EXIF
-    orientation tag is applied (``PIL.ImageOps.exif_transpose``), as detectron2
-    does and as viewers and annotation tools show photos: a phone photo comes
-    out the way it was taken.
-
-    Args:
-        path: image file.
-        exif_transpose: apply the EXIF orientation tag; ``False`` returns the
-            pixels as stored.
-
-    Returns:
-        The image array. Grayscale and palette images are expanded, alpha is
-        dropped, 16-bit images keep their 8 most significant bits.
-
-    Raises:
-        OSError: the file is missing, truncated or not an image (PIL may raise
-            other exception types for some corrupt files).
-    """
-    with Image.open(path) as image:
-        image.load()
-        if exif_transpose and exif_orientation(image) != 1:
-            return _as_rgb_array(ImageOps.exif_transpose(image))
-        return _as_rgb_array(image)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HWC uint8 array -> CHW float32 tensor in [0, 1] (what torchvision detectors take).
-
-    Args:
-        image: H x W x 3 uint8 array.
-    """
-    # In numpy, one single-threaded pass: torch's intra-op threads would compete with
-    # DataLoader workers and the training step for the same cores.
-    chw = np.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=np.float32)
-    np.divide(image.transpose(2, 0, 1), np.float32(255.0), out=chw)
-    return torch.from_numpy(chw)
-
-
 def label_to_cat_id_from_mapping(mapping: Mapping[str, Any]) -> dict[int, int]:
     """Contiguous label (1..K) -> original category id, from :meth:`CocoDetection.category_mapping`.
 
@@ -173,91 +89,6 @@ def cat_id_to_label_from_mapping(mapping: Mapping[str, Any]) -> dict[int, int]:
         mapping: ``{"cat_ids": [...], "names": [...]}`` as saved in a checkpoint.
     """
     return {int(cat_id): label for label, cat_id in enumerate(mapping["cat_ids"], start=1)}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _load_annotations(ann_file: Path) -> dict[str, Any]:
-    """Read and validate a COCO instances file; every error names the file."""
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"annotation file not found: {ann_file}")
-    try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AnnotationError(f"{ann_file}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise AnnotationError(f"{ann_file}: expected a JSON object at top level, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise AnnotationError(f"{ann_file}: missing or non-list '{key}'")
-
-    cat_ids: set[int] = set()
-    for cat in data["categories"]:
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
-            raise AnnotationError(f"{ann_file}: category {cat!r} needs an integer 'id' and a string 'name'")
-        if cat["id"] in cat_ids:
-            raise AnnotationError(f"{ann_file}: category id {cat['id']} appears twice")
-        cat_ids.add(cat["id"])
-    if not cat_ids:
-        raise AnnotationError(f"{ann_file}: 'categories' is empty")
-
-    image_ids: set[int] = set()
-    for img in data["images"]:
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int):
-            raise AnnotationError(f"{ann_file}: image entry {img!r} needs an integer 'id'")
-        for key in ("file_name", "height", "width"):
-            if key not in img:
-                raise AnnotationError(f"{ann_file}: image id {img['id']} has no '{key}'")
-        if not (isinstance(img["height"], int) and isinstance(img["width"], int) and img["height"] > 0 and img["width"] > 0):
-            raise AnnotationError(f"{ann_file}: image id {img['id']} has invalid size {img['height']!r} x {img['width']!r}")
-        if img["id"] in image_ids:
-            raise AnnotationError(f"{ann_file}: image id {img['id']} appears twice")
-        image_ids.add(img["id"])
-
-    known = sorted(cat_ids)
-    for ann in data["annotations"]:
-        ann_id = ann.get("id") if isinstance(ann, dict) else None
-        if ann_id is None:
-            raise AnnotationError(f"{ann_file}: annotation {ann!r} has no 'id'")
-        if ann.get("category_id") not in cat_ids:
-            raise AnnotationError(
-                f"{ann_file}: annotation id {ann_id} has category_id {ann.get('category_id')!r}, "
-                f"which is not in 'categories' (known ids: {known})"
-            )
-        if ann.get("image_id") not in image_ids:
-            raise AnnotationError(f"{ann_file}: annotation id {ann_id} has unknown image_id {ann.get('image_id')!r}")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise AnnotationError(f"{ann_file}: annotation id {ann_id} has an invalid bbox {bbox!r} (want [x, y, w, h])")
-    _fill_defaults(data, ann_file)
-    return data
-
-
-def _fill_defaults(data: dict[str, Any], ann_file: Path) -> None:
-    """Give every annotation the ``iscrowd`` and ``area`` fields COCOeval reads (hand-made files often lack them)."""
-    images = {img["id"]: img for img in data["images"]}
-    crowd = area = 0
-    for ann in data["annotations"]:
-        if "iscrowd" not in ann:
-            ann["iscrowd"] = 0
-            crowd += 1
-        if not _is_number(ann.get("area")):
-            segm = ann.get("segmentation")
-            if segm:
-                img = images[ann["image_id"]]
-                rles = mask_util.frPyObjects(segm, img["height"], img["width"]) if isinstance(segm, list) or isinstance(segm.get("counts"), list) else segm
-                ann["area"] = float(mask_util.area(mask_util.merge(rles) if isinstance(rles, list) else rles))
-            else:
-                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
-            area += 1
-    if crowd or area:
-        logger.warning(
-            "%s: filled fields COCO evaluation needs: iscrowd=0 for %d annotations, area (from mask, else box) for %d",
-            ann_file, crowd, area,
-        )
 
 
 class CocoDetection(SkippingDataset):
@@ -325,7 +156,7 @@ class CocoDetection(SkippingDataset):
         self.exif_transpose = exif_transpose
         self._warned_frame = False
 
-        data = _load_annotations(self.ann_file)
+        data = load_coco_annotations(self.ann_file)
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_dir} (annotations: {self.ann_file})")
         self.coco = COCO()
@@ -430,7 +261,7 @@ class CocoDetection(SkippingDataset):
                 orientation = exif_orientation(pil)
                 stored = (pil.height, pil.width)
                 upright = orientation != 1 and self._upright(index, stored, orientation)
-                image = _as_rgb_array(ImageOps.exif_transpose(pil) if upright else pil)
+                image = as_rgb_array(ImageOps.exif_transpose(pil) if upright else pil)
         # PIL raises many exception types for corrupt files (OSError, SyntaxError,
         # struct.error, ...); any failure to decode means the file is bad input.
         except Exception as exc:  # noqa: BLE001

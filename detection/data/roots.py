@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from detection.data import shapes
+from engine import shapes
+from engine.datasets import DataPathError, cache_root, generate_atomically
 
 __all__ = ["DataPathError", "evaluation_data", "find_splits", "generate_atomically", "prepare_data_root", "shapes_cache_dir"]
 
 logger = logging.getLogger(__name__)
-
-
-class DataPathError(FileNotFoundError):
-    """A data folder that is missing or not in the COCO layout."""
 
 
 def shapes_cache_dir(cfg: dict[str, Any]) -> Path:
@@ -26,7 +21,7 @@ def shapes_cache_dir(cfg: dict[str, Any]) -> Path:
     Args:
         cfg: a config with the ``shapes_*`` keys.
     """
-    base = Path(os.environ.get("RESFPN_CACHE", Path.home() / ".cache" / "resfpn"))
+    base = cache_root()
     name = f"shapes-{cfg['shapes_size']}px-{cfg['shapes_train']}-{cfg['shapes_val']}-seed{cfg['shapes_seed']}"
     return base / name
 
@@ -101,27 +96,6 @@ def evaluation_data(cfg: dict[str, Any], *, data_path: str | None = None, split:
     same = data_path is None or (cfg["data_path"] is not None and Path(data_path) == Path(cfg["data_path"]))
     root = _check_root(data_path if data_path is not None else cfg["data_path"])
     return root, _pick(root, split or (cfg["val_split"] if same else None), "val", "--split")
-
-
-def generate_atomically(root: Path, generate: Callable[[Path], Any]) -> None:
-    """Write a generated data set to ``root`` so that an interrupted run never leaves half of one.
-
-    ``generate`` fills a fresh folder beside ``root``, which then replaces ``root``.
-
-    Args:
-        root: the data set's folder (replaced when it exists).
-        generate: writes the data set into the folder it is given.
-    """
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
-        generate(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_data_root(cfg: dict[str, Any], *, is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> tuple[Path, str, str]:

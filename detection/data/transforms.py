@@ -30,7 +30,7 @@ from torch.utils.data import get_worker_info
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
-from detection.data.coco import image_to_tensor  # noqa: E402
+from engine.images import image_to_tensor
 
 __all__ = ["PRESETS", "DetectionTransform", "build_transforms"]
 
