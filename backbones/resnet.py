@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 __all__ = [
     "BasicBlock",
@@ -40,7 +41,9 @@ __all__ = [
     "resnet18",
     "resnet34",
     "resnet",
+    "BACKBONES",
     "DEPTHS",
+    "NORMS",
     "freeze_trunk",
 ]
 
@@ -50,6 +53,14 @@ STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 # Blocks per stage for each supported depth.
 DEPTHS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+# The names every task's recipes use for them.
+BACKBONES: dict[str, int] = {f"resnet{depth}": depth for depth in DEPTHS}
+# Trunk normalisation by name: trainable BN, FrozenBN (fine-tuning from ImageNet), GroupNorm(32).
+NORMS: dict[str, NormLayer] = {
+    "bn": nn.BatchNorm2d,
+    "frozen_bn": FrozenBatchNorm2d,
+    "gn": lambda channels: nn.GroupNorm(32, channels),
+}
 
 
 @dataclass(frozen=True)

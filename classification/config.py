@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from backbones.resnet import DEPTHS
+from backbones.resnet import BACKBONES
 from engine.config import (
     BOOL,
     CONFIG_DIR,
@@ -27,9 +27,6 @@ from engine.config import (
 )
 
 __all__ = ["BACKBONES", "CLASSIFICATION", "SHAPES_CLS_RECIPE", "default_cls_recipe"]
-
-BACKBONES = {f"resnet{depth}": depth for depth in DEPTHS}
-
 
 def _check_cls(cfg: dict[str, Any]) -> None:
     if isinstance(cfg["weights"], str) and cfg["weights"].lower() == "none":

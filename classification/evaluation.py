@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from backbones.resnet import ResNet, resnet
 from backbones.weights import IMAGENET_WEIGHTS, WeightsError, load_pretrained, normalize_state_dict, read_checkpoint
-from detection.checkpoint import load_classifier
+from classification.checkpoint import load_classifier
 from classification.data import ImageFolder
 from engine import distributed as dist_utils
 

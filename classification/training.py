@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from backbones.resnet import ResNet, resnet
 from backbones.weights import imagenet_file, load_pretrained, normalize_state_dict, read_checkpoint
-from detection.checkpoint import read_classifier_training_state, save_classifier, save_classifier_training_state
+from classification.checkpoint import read_classifier_training_state, save_classifier, save_classifier_training_state
 from classification.data import ImageFolder, build_cls_transform, prepare_cls_data_root
 from engine.plots import plot_curves
 from engine import distributed as dist_utils

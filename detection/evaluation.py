@@ -310,7 +310,7 @@ def _missing_masks(dataset: Any) -> str | None:
 
 def _has_masks(model: nn.Module) -> bool:
     model = getattr(model, "module", model)
-    if isinstance(getattr(model, "has_masks", None), bool):  # exported detectors (detection.runtime) say so
+    if isinstance(getattr(model, "has_masks", None), bool):  # exported detectors (deploy.runtime) say so
         return model.has_masks
     roi_heads = getattr(model, "roi_heads", None)
     return roi_heads is not None and getattr(roi_heads, "mask_predictor", None) is not None

@@ -20,9 +20,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.fpn import ResNetFPN, resnet_fpn
+from backbones.resnet import BACKBONES, NORMS
 from backbones.weights import Source
 
 from .ops import MultiScaleRoIAlign  # torchvision's pooler with a faster CPU RoIAlign; same results
@@ -41,12 +41,6 @@ __all__ = [
 ]
 
 ARCHS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
-BACKBONES = {"resnet18": 18, "resnet34": 34}
-NORMS: dict[str, Any] = {
-    "bn": nn.BatchNorm2d,
-    "frozen_bn": FrozenBatchNorm2d,
-    "gn": lambda channels: nn.GroupNorm(32, channels),
-}
 _TWO_STAGE = ("faster_rcnn", "mask_rcnn")
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
 

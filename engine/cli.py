@@ -60,16 +60,24 @@ def fail(message: object, code: int = 2) -> int:
     return code
 
 
-def run_tool(work: Callable[[], int | None], *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS, logging: bool = True) -> int:
+def run_tool(
+    work: Callable[[], int | None],
+    *,
+    user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+    failures: tuple[type[BaseException], ...] = (),
+    logging: bool = True,
+) -> int:
     """Run a tool's work with the project's logging and its error and exit-code conventions.
 
     Args:
         work: the tool's body; returns its exit code (``None``: 0).
         user_errors: exception types that are the user's mistake (one line, exit 2).
-        logging: set up the project's console logging first (tools that print tables may skip it).
+        failures: exception types whose message says what went wrong and what to do (one
+            line, exit 1), besides ``NonFiniteLossError``.
+        logging: set up the project's console logging first.
 
     Returns:
-        The exit code: the work's, 2 for a user's mistake, 1 for a run that diverged, 130 for Ctrl-C.
+        The exit code: the work's, 2 for a user's mistake, 1 for a failure, 130 for Ctrl-C.
     """
     if logging:
         setup_logging()
@@ -78,7 +86,7 @@ def run_tool(work: Callable[[], int | None], *, user_errors: tuple[type[BaseExce
         return 0 if code is None else int(code)
     except user_errors as e:
         return fail(e)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, *failures) as e:
         return fail(e, code=1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

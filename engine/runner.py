@@ -362,8 +362,11 @@ class TrainState:
         lr: the batch-scaled base learning rate.
         ema: a moving average of the weights, or ``None``.
         iteration: iterations completed.
-        last_checkpoint: ``(path, iteration)`` of the newest training state written or resumed
-            from, named when a run has to stop.
+        last_good: ``(path, iteration)`` of the newest training state a finite step has
+            followed (its weights give a finite loss), named when a run has to stop.
+        unproven: a training state written or resumed from since then, good once a finite
+            step follows it.
+        bad_in_a_row: non-finite steps just before now (no checkpoint is written while > 0).
     """
 
     model: nn.Module
@@ -376,13 +379,24 @@ class TrainState:
     lr: float
     ema: AveragedModel | None = None
     iteration: int = 0
-    last_checkpoint: tuple[Path, int] | None = None
+    last_good: tuple[Path, int] | None = None
+    unproven: tuple[Path, int] | None = None
+    bad_in_a_row: int = 0
 
     def load(self, ckpt: dict[str, Any]) -> None:
-        """Restore from a training checkpoint's dict (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``iteration``)."""
+        """Restore from a training checkpoint's dict (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``iteration``).
+
+        The learning rate is this run's (``lr``, from its config and batch), on the restored
+        schedule: resuming with a lower ``--lr`` after a divergence lowers it.
+        """
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        # Both state dicts carry the saved run's rates; the schedule's position is what resumes.
+        self.scheduler.base_lrs = [self.lr for _ in self.scheduler.base_lrs]
+        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.lr
+            group["lr"] = self.lr * fn(self.scheduler.last_epoch)
         if ckpt["scaler"]:  # empty when the run that saved it had no fp16 scaler (CPU, bf16, no --amp)
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
@@ -755,7 +769,7 @@ def train_one_epoch(task: Task, state: TrainState, data: TrainData, epoch: int, 
     skip = state.iteration - epoch * data.iters_per_epoch
     plan = iter(list(data.batches(epoch, skip))) if cfg["log_batches"] and run.is_main else None
     loader = data.loader(epoch, skip, seed=int(cfg["seed"]), rank=run.rank, workers=cfg["workers"], pin_memory=run.device.type == "cuda")
-    window, bad_in_a_row = Window(), 0
+    window = Window()
     t_data = time.perf_counter()
     for batch in loader:
         window.data_time += time.perf_counter() - t_data
@@ -763,7 +777,9 @@ def train_one_epoch(task: Task, state: TrainState, data: TrainData, epoch: int, 
         if plan is not None:
             with open(run.out / "batches.jsonl", "a") as f:
                 f.write(json.dumps({"iter": state.iteration + 1, "epoch": epoch, "indices": next(plan), **task.batch_ids(targets)}) + "\n")
-        terms, bad_in_a_row = guarded_step(state, cfg, inputs, targets, bad_in_a_row, device_type=run.device.type)
+        terms, state.bad_in_a_row = guarded_step(state, cfg, inputs, targets, state.bad_in_a_row, device_type=run.device.type)
+        if terms is not None and state.unproven is not None:
+            state.last_good, state.unproven = state.unproven, None  # its weights just gave a finite loss
         state.scheduler.step()
         state.iteration += 1
         task.after_step(state, cfg, epoch)
@@ -850,8 +866,8 @@ def train(task: Task, cfg: dict[str, Any], *, resume: str | Path | bool | None =
         if resume:
             path = resume_path(run.cfg, resume)
             state.load(task.read_checkpoint(path))
-            state.last_checkpoint = (path, state.iteration)
-            logger.info("resumed from %s at iteration %d", path, state.iteration)
+            state.unproven = (path, state.iteration)
+            logger.info("resumed from %s at iteration %d (lr %.4g)", path, state.iteration, state.lr)
         if run.is_main:
             logger.info("%s", task.describe(state, data, run))
         metrics = MetricsLog(run, resumed_at=state.iteration if resume else None)
@@ -881,16 +897,23 @@ def save_checkpoint(task: Task, state: TrainState, data: TrainData, run: Run, *,
         epoch: epochs completed (the epoch in progress for a mid-epoch save).
     """
     path = run.out / "checkpoint.pth"
+    if state.bad_in_a_row:
+        # The weights behind non-finite losses must not replace the last state that trained.
+        logger.warning("not writing %s at iteration %d: the last %d losses were not finite", path, state.iteration, state.bad_in_a_row)
+        return
     if run.is_main:
         task.save_checkpoint(state, data, run, path, epoch=epoch)
-    state.last_checkpoint = (path, state.iteration)
+    state.unproven = (path, state.iteration)
 
 
 def _last_good(state: TrainState) -> str:
-    # Skipped steps leave the weights alone, so the newest checkpoint still holds finite weights.
-    if state.last_checkpoint is None:
+    if state.unproven is not None:
+        path, iteration = state.unproven
+        return (f"the newest checkpoint, {path} (iteration {iteration}), was written just before the losses stopped being "
+                "finite, so its weights may be the diverged ones: resume from it with a much lower --lr, or start afresh")
+    if state.last_good is None:
         return "no checkpoint was written before the losses diverged: start afresh with a lower --lr"
-    path, iteration = state.last_checkpoint
+    path, iteration = state.last_good
     return f"the last good checkpoint is {path} (iteration {iteration}): resume from it with --resume {path} and a lower --lr"
 
 

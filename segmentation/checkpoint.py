@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from backbones.weights import read_checkpoint
-from detection.checkpoint import CheckpointError  # the project's error for a readable file of the wrong kind
+from engine.files import CheckpointError  # the project's error for a readable file of the wrong kind
 from engine.files import atomic_save
 
 from .models import ARCHS, rebuild_segmenter

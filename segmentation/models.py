@@ -34,7 +34,7 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from backbones.fpn import ResNetFPN, resnet_fpn
 from backbones.resnet import FeatureInfo, freeze_trunk, resnet
 from backbones.weights import LoadReport, Source, load_pretrained
-from detection.models import NORMS  # shared with the detectors; moves to a shared layer with them
+from backbones.resnet import NORMS
 
 __all__ = [
     "ARCHS",

@@ -135,7 +135,7 @@ def test_int8_export_logs_the_file_it_wrote(tmp_path, caplog):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from detection import build_detector, save_detector
-    from detection.export import export_detector
+    from deploy.export import export_detector
     from engine import shapes
 
     root = shapes.generate(tmp_path / "shapes", num_train=2, num_val=1, image_size=64, seed=5)
@@ -145,7 +145,7 @@ def test_int8_export_logs_the_file_it_wrote(tmp_path, caplog):
     ckpt = tmp_path / "model_final.pth"
     save_detector(model, ckpt, config={"data_path": str(root), "train_split": "train"})
     out = tmp_path / "int8.onnx"
-    with caplog.at_level(logging.INFO, logger="detection.export"):
+    with caplog.at_level(logging.INFO, logger="deploy.export"):
         export_detector(ckpt, out, int8=True, calib_images=2)
     wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
     # Before: "wrote <out folder>/.int8.onnx.<random>.tmp/fp32.onnx (opset 17, ...)", a file deleted a moment later.

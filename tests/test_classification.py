@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ from PIL import Image
 
 from backbones import load_pretrained, resnet18, resnet18_fpn
 from backbones.weights import WeightsError
-from detection.checkpoint import CheckpointError, load_classifier, read_checkpoint, read_classifier_training_state, save_classifier
+from detection.checkpoint import CheckpointError, read_checkpoint
+from classification.checkpoint import load_classifier, read_classifier_training_state, save_classifier
 from classification import (
     CLASSIFICATION,
     accuracy,
@@ -29,8 +29,8 @@ from classification import (
 from detection.config import ConfigError, apply_overrides, load_config
 from classification.data import ImageFolder, ImageFolderError, build_cls_transform, generate_shapes_classification
 from engine.runner import build_optimizer
+from helpers import REPO, run_tool, tool_env
 
-REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -61,11 +61,11 @@ def _cfg(root: Path, out: Path, *extra: str) -> dict:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ, RESFPN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TORCH_HOME=str(tmp_path / "torch"))
+    return tool_env(tmp_path / "cache", TORCH_HOME=str(tmp_path / "torch"))
 
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    return run_tool(args, env=_env(tmp_path), timeout=timeout)
 
 
 def _records(out: Path) -> list[dict]:

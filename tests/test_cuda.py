@@ -17,7 +17,7 @@ from torch import nn
 
 from detection import build_detector, load_detector, ops, save_detector
 from engine.runner import build_optimizer
-from detection.fast import match_detections, optimize_for_inference
+from deploy.fast import match_detections, optimize_for_inference
 from helpers import random_statistics
 
 pytestmark = [

@@ -96,6 +96,21 @@ def test_train_state_save_and_load_round_trip(tmp_path, cache):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
+def test_resume_takes_this_runs_learning_rate_on_the_saved_schedule(tmp_path, cache):
+    run = runner.setup_run(_cfg(tmp_path / "run", "max_iters=2", "lr=0.004", "lr_reference_batch=2"), progress=False)
+    data = TASK.build_data(run.cfg, run)
+    state = runner.build_state(TASK, run.cfg, run, data)
+    runner.train_one_epoch(TASK, state, data, 0, run, runner.MetricsLog(run))
+    TASK.save_checkpoint(state, data, run, tmp_path / "state.pth", epoch=0)
+    lower = runner.setup_run(_cfg(tmp_path / "lower", "max_iters=2", "lr=0.001", "lr_reference_batch=2"), progress=False)
+    fresh = runner.build_state(TASK, lower.cfg, lower, data)
+    fresh.load(read_training_state(tmp_path / "state.pth"))
+    # After a divergence the advice is "resume with a lower --lr": the lower rate must be the one that runs.
+    scale = state.optimizer.param_groups[0]["lr"] / 0.004
+    assert fresh.scheduler.last_epoch == 2 and scale < 1
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * scale)
+
+
 def _batches(out: Path) -> list[tuple[int, list[int]]]:
     return [(r["iter"], r["image_ids"]) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
 

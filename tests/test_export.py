@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from detection import ARCHS, build_detector, save_detector
-from detection.export import (
+from deploy.export import (
     ExportError,
     calibration_images,
     export_detector,
@@ -21,8 +21,8 @@ from detection.export import (
     quantize_onnx,
     read_metadata,
 )
-from detection.fast import match_detections
-from detection.runtime import RuntimeUnavailableError, load_exported
+from deploy.fast import match_detections
+from deploy.runtime import RuntimeUnavailableError, load_exported
 from helpers import random_statistics, run_tool
 
 onnx = pytest.importorskip("onnx")
@@ -231,7 +231,7 @@ def test_int8_calibration_feeds_the_runtimes_input(tmp_path, monkeypatch):
     from engine.images import read_image_rgb
 
     from engine import shapes
-    from detection.runtime import ExportedDetector
+    from deploy.runtime import ExportedDetector
 
     root = shapes.generate(tmp_path / "data", num_train=4, num_val=0, image_size=64, seed=2)
     calib = calibration_images(data_path=root, count=2)

@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import resnet_fpn
 from detection import build_detector
-from detection.fast import fold_batch_norms, match_detections, optimize_for_inference
+from deploy.fast import fold_batch_norms, match_detections, optimize_for_inference
 from helpers import random_statistics
 
 

@@ -8,7 +8,7 @@ without code) go to: trunk weights (``load_pretrained``), resume (``read_trainin
 ``load_classifier``), exported files with each runtime (``load_exported``), the one entry
 for any model file (``load_model``) and ``identify``.
 
-Before detection.files, these reached users as struct.error, IndexError, KeyError,
+Before deploy.files, these reached users as struct.error, IndexError, KeyError,
 BadZipFile and google.protobuf's DecodeError (issue 18 item 5).
 """
 
@@ -27,9 +27,11 @@ import torch
 from backbones import resnet18
 from backbones.weights import FileFormatError, load_pretrained
 from detection import build_detector
-from detection.checkpoint import load_classifier, load_detector, read_classifier_training_state, read_training_state
-from detection.files import TRAINING_KEYS, atomic_save, container_of, identify, kind_of
-from detection.predictor import load_model
+from classification.checkpoint import load_classifier, read_classifier_training_state
+from detection.checkpoint import load_detector, read_training_state
+from deploy.files import TRAINING_KEYS, identify, kind_of
+from engine.files import atomic_save, container_of
+from deploy.predictor import load_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -37,7 +39,7 @@ pytest.importorskip("onnxruntime")
 
 def _exported(runtime: str) -> Callable[[Path], Any]:
     def load(path: Path) -> Any:
-        from detection.runtime import load_exported
+        from deploy.runtime import load_exported
 
         if runtime == "openvino":
             pytest.importorskip("openvino")
@@ -162,7 +164,7 @@ def test_truncated_checkpoint_is_refused_by_every_loader(small_training_state, t
 @pytest.fixture(scope="module")
 def small_onnx(tmp_path_factory) -> Path:
     """A real export of the smallest detector this project builds."""
-    from detection.export import export_onnx
+    from deploy.export import export_onnx
 
     torch.manual_seed(0)
     model = build_detector("faster_rcnn", backbone="resnet18", num_classes=2, min_size=64, max_size=64, out_channels=16,

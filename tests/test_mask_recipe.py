@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from detection import build_detector, load_detector
-from detection.checkpoint import atomic_save, read_checkpoint
+from engine.files import atomic_save
+from detection.checkpoint import read_checkpoint
 from detection.config import load_config
 from engine.images import image_to_tensor, read_image_rgb
 from detection.models import rebuild_detector

@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detection import atomic_save, build_detector, save_detector
+from engine.files import atomic_save
+
+from detection import build_detector, save_detector
 from detection.config import CONFIG_DIR, ConfigError, apply_overrides, find_recipe, list_recipes, load_config
 from detection.data import CocoDetection
 from engine.datasets import DataPathError

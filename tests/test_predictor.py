@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detection import Prediction, Predictor, build_detector, save_detector
+from deploy import Prediction, Predictor
+
+from detection import build_detector, save_detector
 from engine.images import image_to_tensor
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from detection import Predictor, build_detector
+from deploy import Predictor
+
+from detection import build_detector
 from detection import visualize
 from detection.data import CocoDetection, collate_fn
 from engine.images import read_image_rgb

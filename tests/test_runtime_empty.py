@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from detection import ARCHS, build_detector
-from detection.export import export_onnx, export_torchscript
-from detection.runtime import load_exported
+from deploy.export import export_onnx, export_torchscript
+from deploy.runtime import load_exported
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -74,7 +74,7 @@ def test_no_detection_is_an_empty_result(exported, runtime):
 def test_openvino_empty_result_through_evaluation_and_predictor(exported, tmp_path):
     """What users met: eval_coco's ValueError on label 0, infer's category_id -1."""
     pytest.importorskip("openvino")
-    from detection import Predictor
+    from deploy import Predictor
     from detection.data import CocoDetection
     from engine import shapes
     from detection.evaluation import evaluate

@@ -11,7 +11,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from backbones.weights import WeightsError
-from detection.checkpoint import CheckpointError
+from engine.files import CheckpointError
 from segmentation import build_segmenter, check_segmenter_options, load_segmenter, rebuild_segmenter, save_segmenter
 from segmentation.models import SemanticFPNHead
 

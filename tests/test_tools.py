@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,25 +15,22 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detection import atomic_save, load_detector
+from engine.files import atomic_save
+
+from detection import load_detector
 from detection.checkpoint import read_checkpoint
 from detection.config import apply_overrides, load_config
 from detection.training import train
+from helpers import REPO, run_tool, tool_env
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "shapes_train=8", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",
     "log_period=1", "workers=0", "warmup_iters=2",
 ]
 
 
-def _env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ, RESFPN_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
-
-
-def _run(args: list[str], cache: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], cache: Path, timeout: int = 240, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_tool(args, cache=cache, timeout=timeout, fresh=fresh)
 
 
 def _tiny_cfg(out: Path, *extra: str, **flags) -> dict:
@@ -48,7 +44,7 @@ def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     out = tmp_path_factory.mktemp("run")
     proc = _run(["tools/train_det.py", "--backbone", "resnet18", "--output-dir", str(out), "--max-iters", "3",
-                 "--batch-size", "2", "--device", "cpu", "--no-progress", "--set", *TINY, "checkpoint_period=2"], cache)
+                 "--batch-size", "2", "--device", "cpu", "--no-progress", "--set", *TINY, "checkpoint_period=2"], cache, fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, cache, proc
 
@@ -136,20 +132,26 @@ def _optimizer_steps(ckpt: dict) -> set[int]:
 
 def test_resume_after_sigkill_continues_the_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
-    flags = ["--set", *TINY, "checkpoint_period=1", "shapes_train=16", "epochs=2", "scheduler=multistep", "lr_steps=[1]"]
-    args = ["tools/train_det.py", "--output-dir", str(tmp_path / "killed"), "--batch-size", "2", "--device", "cpu", "--no-progress", *flags]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    flags = ["--set", *TINY, "shapes_train=16", "epochs=2", "scheduler=multistep", "lr_steps=[1]"]
+    args = ["tools/train_det.py", "--output-dir", str(tmp_path / "killed"), "--batch-size", "2", "--device", "cpu", "--no-progress",
+            *flags, "checkpoint_period=1"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=tool_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_file = tmp_path / "killed" / "checkpoint.pth"
     deadline = time.time() + 180
+    seen = None
     while time.time() < deadline:
-        if ckpt_file.is_file() and read_checkpoint(ckpt_file)["iteration"] >= 3:
+        # Read the checkpoint (~180 MB with AdamW's state) only when a new one has been written.
+        stamp = ckpt_file.stat().st_mtime_ns if ckpt_file.is_file() else None
+        if stamp != seen and read_checkpoint(ckpt_file)["iteration"] >= 3:
             break
+        seen = stamp
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stopped_at = read_checkpoint(ckpt_file)["iteration"]
 
+    # Both runs write checkpoint.pth at each epoch's end only: what is compared is the final one.
     resumed = train(_tiny_cfg(tmp_path / "killed", *flags[1:]), resume=True, progress=False)
     straight = train(_tiny_cfg(tmp_path / "straight", *flags[1:]), progress=False)
     n = straight["iteration"]
@@ -202,17 +204,20 @@ def test_nonfinite_loss_is_skipped_then_stops_naming_the_term(tmp_path, monkeypa
         result, losses = original(self, *args, **kwargs)
         if self.training:
             steps.append(1)
-            if len(steps) > 2:  # two good steps (each checkpointed), then only NaN
+            if len(steps) > 3:  # three good steps, then only NaN
                 losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
         return result, losses
 
     monkeypatch.setattr(RoIHeads, "forward", poisoned)
     out = tmp_path / "nan"
-    # Skipped steps leave the weights alone, so the checkpoint after the second skip (iteration 4) is still good.
-    with pytest.raises(FloatingPointError, match=rf"3 non-finite losses in a row.*loss_box_reg.*last good checkpoint is {out / 'checkpoint.pth'} \(iteration 4\)"):
-        train(_tiny_cfg(out, "max_nonfinite=3", "max_iters=6", "checkpoint_period=1"), progress=False)
+    # Checkpoints every 2 iterations: the one at 2 was followed by a finite step (good); the one due at 4,
+    # inside the non-finite streak, is not written, so checkpoint.pth still holds iteration 2.
+    with pytest.raises(FloatingPointError, match=rf"3 non-finite losses in a row.*loss_box_reg.*last good checkpoint is {out / 'checkpoint.pth'} \(iteration 2\)"):
+        train(_tiny_cfg(out, "max_nonfinite=3", "max_iters=8", "checkpoint_period=2"), progress=False)
+    assert read_checkpoint(out / "checkpoint.pth")["iteration"] == 2
     log = (out / "log.txt").read_text()
-    assert "non-finite loss at iteration 2 in loss_box_reg; step skipped (1 in a row)" in log
+    assert f"not writing {out / 'checkpoint.pth'} at iteration 4" in log
+    assert "non-finite loss at iteration 3 in loss_box_reg; step skipped (1 in a row)" in log
     assert log.count("non-finite loss at iteration") == 3
 
 
@@ -222,7 +227,7 @@ def test_ddp_two_processes_train_and_evaluate_like_one(trained, tmp_path):
     proc = subprocess.run(
         [*torchrun, "tools/train_det.py", "--output-dir", str(tmp_path / "ddp"), "--max-iters", "2", "--batch-size", "1",
          "--device", "cpu", "--no-progress", "--set", *TINY],
-        cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=tool_env(cache), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = read_checkpoint(tmp_path / "ddp" / "checkpoint.pth")
@@ -236,7 +241,7 @@ def test_ddp_two_processes_train_and_evaluate_like_one(trained, tmp_path):
     double = subprocess.run(
         [*torchrun, "tools/eval_coco.py", "--checkpoint", str(out / "model_final.pth"), "--output-dir", str(tmp_path / "e2"),
          "--device", "cpu", "--workers", "0", "--no-progress"],
-        cwd=REPO, env=_env(cache), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=tool_env(cache), capture_output=True, text=True, timeout=300,
     )
     assert double.returncode == 0, double.stderr[-2000:]
     m1 = json.loads((tmp_path / "e1" / "metrics.json").read_text())

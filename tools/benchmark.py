@@ -13,9 +13,9 @@ process of its own (so one candidate's memory and thread pools do not slow anoth
 with the same number of threads, and reports the median of ``--reps`` forwards after
 ``--warmup``; every detector does the same work (``fix_detector_work``: 1000
 proposals, 100 detections and masks, whatever the weights), so rows of different
-depths compare. The exported rows run the file ``detection.export`` writes for the
+depths compare. The exported rows run the file ``deploy.export`` writes for the
 row's own model (fp32, and int8 by ONNX Runtime's static quantizer) through
-``detection.runtime.load_exported``, each labelled with the precision that ran.
+``deploy.runtime.load_exported``, each labelled with the precision that ran.
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
 report the timing process's peak RSS during its first forward over its RSS before it
 (activations and workspace on top of the weights; Linux ``clear_refs``), the other
@@ -44,7 +44,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from backbones import resnet_fpn
 from detection.evaluation import coco_evaluate
-from detection.fast import optimize_for_inference
+from deploy.fast import optimize_for_inference
 from detection.models import build_detector
 
 
@@ -193,7 +193,7 @@ def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any
     arch, depth, size = spec["arch"], spec["depth"], tuple(spec["size"])
     kind = spec["kind"]
     if kind == "exported":
-        from detection.runtime import load_exported
+        from deploy.runtime import load_exported
 
         return load_exported(spec["path"], runtime=spec["runtime"], precision=spec.get("precision"), num_threads=spec["threads"])
     if kind == "r50":
@@ -282,7 +282,7 @@ def _exported_candidates(arch: str, depth: int, size: tuple[int, int], out_dir: 
     try:
         import onnxruntime  # noqa: F401
 
-        from detection.export import export_onnx, quantize_onnx
+        from deploy.export import export_onnx, quantize_onnx
     except ImportError:
         print("onnx/onnxruntime not installed: no exported rows (pip install -e '.[deploy]')")
         return {}

@@ -231,7 +231,7 @@ def measure_latency(path: Path, *, reps: int = 10, warmup: int = 3, size: tuple[
         size: image height and width.
     """
     from detection import build_detector
-    from detection.fast import optimize_for_inference
+    from deploy.fast import optimize_for_inference
 
     device = torch.device("cuda")
     h, w = size

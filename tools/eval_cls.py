@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import DEVICES, USER_ERRORS
-from detection.models import BACKBONES
+from engine.cli import DEVICES, USER_ERRORS, fail, run_tool
+from backbones.resnet import BACKBONES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from backbones.weights import IMAGENET_WEIGHTS
@@ -47,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     from classification import evaluate_classifier, load_classifier_weights
     from detection.config import ConfigError, resolve_device
     from classification.data import ImageFolder, ImageFolderError, build_cls_transform, prepare_cls_data_root
-    from engine.logs import setup_logging
 
     try:
         for name in ("batch_size", "resize_size", "crop_size"):
@@ -81,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"which needs exactly {outputs} of them; {dataset.split_dir} has {len(dataset.classes)}"
             )
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
 
-    setup_logging()
     dist_utils.init_distributed(device)
     amp_dtype = (torch.float16 if device == "cuda" else torch.bfloat16) if args.amp else None
     run_device = torch.device("cuda", dist_utils.local_rank()) if device == "cuda" else torch.device("cpu")
@@ -101,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps({"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
                                                           "images": result["images"], "weights": args.weights}, indent=2))
-    dist_utils.cleanup()
     return 0
 
 

@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
+from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from detection.evaluation import EVALUATORS
-from detection.files import RUNTIMES
+from deploy.files import RUNTIMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,17 +36,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from engine import distributed as dist_utils
-    from engine.logs import setup_logging
     from detection.config import DEFAULTS, resolve_device
     from detection.data import CocoDetection
     from detection.data.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
-    from detection.files import is_exported
-    from detection.predictor import Predictor
+    from deploy.files import is_exported
+    from deploy.predictor import Predictor
 
     path = Path(args.checkpoint)
-    setup_logging()
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
@@ -64,10 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {**DEFAULTS, **(train_config or {})}
         root, split = evaluation_data(cfg, data_path=args.data_path, split=args.split)
         # Ground-truth masks are read by COCOeval from the annotation file, not from the loader.
-        dataset = CocoDetection(root, split, masks=False)
+        dataset = CocoDetection(root, split, masks=False, exif_transpose=cfg.get("exif_transpose", True))
     except (*USER_ERRORS, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     out_dir = Path(args.output_dir) if args.output_dir else path.parent / f"eval_{split}"
     result = evaluate(
         predictor.model, dataset, label_to_cat_id=predictor.label_to_cat_id, device=device, output_dir=out_dir,
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         sec = result["seconds"]
         print(f"inference {sec['inference']:.1f} s ({len(dataset) / max(sec['inference'], 1e-9):.1f} images/s), "
               f"COCOeval {sec['coco_eval']:.2f} s; wrote {out_dir}")
-    dist_utils.cleanup()
     return 0
 
 

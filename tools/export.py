@@ -6,7 +6,7 @@
 
 The ONNX file takes one float32 [3, H, W] RGB image in [0, 1] of any size (batch 1) and
 returns boxes in that image's pixels, labels and scores (and masks); class names and
-category ids are in its metadata. Run it with detection.runtime.load_exported.
+category ids are in its metadata. Run it with deploy.runtime.load_exported.
 The output file is written only when the export succeeded (temporary file, then rename).
 """
 
@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from detection.export import DEFAULT_OPSET, EXPORT_FORMATS, INT8_METHODS, ExportError, check_export_args, export_detector
+from deploy.export import DEFAULT_OPSET, EXPORT_FORMATS, INT8_METHODS, ExportError, check_export_args, export_detector
+from engine.cli import USER_ERRORS, run_tool
 
 
 def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
@@ -34,24 +35,21 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
 
 def main(argv: "list[str] | None" = None) -> int:
     args = parse_args(argv)
-    from engine.logs import setup_logging
+    return run_tool(lambda: _export(args), user_errors=(*USER_ERRORS, ExportError, ValueError, ImportError))
 
-    setup_logging()
+
+def _export(args: argparse.Namespace) -> int:
     for noisy in ("root", "nncf"):  # the quantizers' advice lines
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        check_export_args(format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images, int8_method=args.int8_method)
-        if not Path(args.checkpoint).is_file():
-            raise ExportError(f"checkpoint {args.checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py")
-        if Path(args.output).is_dir():
-            raise ExportError(f"--output {args.output} is a folder; pass a file name such as model.onnx")
-        output = export_detector(
-            args.checkpoint, args.output, format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images,
-            data_path=args.data_path, int8_method=args.int8_method, export_size=tuple(args.export_size) if args.export_size else None,
-        )
-    except (ExportError, ValueError, ImportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_export_args(format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images, int8_method=args.int8_method)
+    if not Path(args.checkpoint).is_file():
+        raise ExportError(f"checkpoint {args.checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py")
+    if Path(args.output).is_dir():
+        raise ExportError(f"--output {args.output} is a folder; pass a file name such as model.onnx")
+    output = export_detector(
+        args.checkpoint, args.output, format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images,
+        data_path=args.data_path, int8_method=args.int8_method, export_size=tuple(args.export_size) if args.export_size else None,
+    )
     what = args.format + (f" int8 ({args.int8_method}, {args.calib_images} calibration images)" if args.int8 else "")
     print(f"wrote {output} ({what}, {output.stat().st_size / 2**20:.1f} MiB)")
     return 0

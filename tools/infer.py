@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import DEVICES, DTYPES, USER_ERRORS, parse_dtype
-from detection.predictor import EXPORTED_SUFFIXES, RUNTIMES
+from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
+from deploy.predictor import EXPORTED_SUFFIXES, RUNTIMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,22 +87,19 @@ def _image_files(src: Path, out_dir: Path) -> tuple[list[tuple[Path, str]], list
     return found, left_out
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from engine.logs import setup_logging
-    from detection.config import resolve_device
+    return run_tool(lambda: _infer(args))
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from engine.config import resolve_device
+    from engine.files import atomic_write_text
     from engine.images import image_to_tensor, read_image_rgb
-    from detection.predictor import Predictor
+    from deploy.predictor import Predictor
     from detection.visualize import draw_detections
     from engine.plots import save_image
 
-    setup_logging()
     out_dir = Path(args.output)
     try:
         if not 0.0 <= args.score_thresh <= 1.0:
@@ -116,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
                               fast=args.fast, dtype=parse_dtype(args.dtype))
     except (*USER_ERRORS, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if left_out:
         shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         print(f"{args.input}: {len(paths)} images; left out {len(left_out)} entries that are not images by their "
@@ -140,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = f"highest score {best:.3f}" if best is not None else "the model returned no candidates"
             print(f"{name}: 0 detections at --score-thresh {args.score_thresh} ({hint})")
     if not results:
-        print(f"error: none of the {len(paths)} inputs could be read as an image", file=sys.stderr)
-        return 2
-    _write_atomically(out_dir / "detections.json", json.dumps(results, indent=1, ensure_ascii=False))
+        return fail(f"none of the {len(paths)} inputs could be read as an image")
+    atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1, ensure_ascii=False))
     print(f"wrote {len(results)} images to {out_dir}")
     return 0
 

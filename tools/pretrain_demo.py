@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import USER_ERRORS
+from engine.cli import run_tool
 
 ARM_NAMES = ["scratch", "pretrained"]  # detection.transfer.ARMS, without importing torch here
 
@@ -33,18 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from engine.logs import setup_logging
-    from detection.transfer import run_transfer_demo
+    return run_tool(lambda: _demo(args))
 
-    setup_logging()
-    try:
-        summary = run_transfer_demo(args.output_dir, arms=args.arms, scratch_set=args.scratch_set, pretrain_set=args.pretrain_set,
-                                    finetune_set=args.finetune_set, progress=not args.no_progress)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from detection.transfer import run_transfer_demo
+
+    summary = run_transfer_demo(args.output_dir, arms=args.arms, scratch_set=args.scratch_set, pretrain_set=args.pretrain_set,
+                                finetune_set=args.finetune_set, progress=not args.no_progress)
     print((Path(args.output_dir) / "summary.md").read_text(), end="")
     print(f"figure: {Path(args.output_dir) / 'transfer.png'}; runs and summary.json in {args.output_dir}")
     return 0 if summary else 1

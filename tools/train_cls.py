@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import DEVICES, USER_ERRORS
-from detection.config import apply_overrides, list_recipes, load_config
-from detection.models import BACKBONES
+from engine.cli import DEVICES, run_tool
+from engine.config import apply_overrides, list_recipes, load_config
+from backbones.resnet import BACKBONES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,39 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in list_recipes("classification"):
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
+    return run_tool(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     from classification import CLASSIFICATION, default_cls_recipe, preflight_cls, train_classifier
-    from engine.logs import setup_logging
-
-    try:
-        cfg = load_config(args.config or default_cls_recipe(args.data_path), schema=CLASSIFICATION)
-        cfg = apply_overrides(
-            cfg, args.set, schema=CLASSIFICATION, backbone=args.backbone, data_path=args.data_path,
-            train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir, epochs=args.epochs,
-            max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
-            weights=args.weights, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
-        )
-        cfg = preflight_cls(cfg, resume=args.resume)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
     from engine import distributed as dist_utils
-    from engine.runner import NonFiniteLossError
 
-    setup_logging()
-    try:
-        result = train_classifier(cfg, resume=args.resume, progress=not args.no_progress)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)  # names the last good checkpoint (engine.runner), or says there is none
-        return 1
+    cfg = load_config(args.config or default_cls_recipe(args.data_path), schema=CLASSIFICATION)
+    cfg = apply_overrides(
+        cfg, args.set, schema=CLASSIFICATION, backbone=args.backbone, data_path=args.data_path,
+        train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir, epochs=args.epochs,
+        max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
+        weights=args.weights, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
+    )
+    cfg = preflight_cls(cfg, resume=args.resume)  # every input checked before any work
+    result = train_classifier(cfg, resume=args.resume, progress=not args.no_progress)
     if dist_utils.is_main_process():
-        m = result["metrics"]
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
-        print("  ".join(f"{k} {v:.2f}" for k, v in m.items() if "top" in k))
-    dist_utils.cleanup()
+        print("  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if "top" in k))
     return 0
 
 

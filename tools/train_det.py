@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import DEVICES, USER_ERRORS
+from engine.cli import DEVICES, run_tool
 from detection.config import apply_overrides, default_recipe, list_recipes, load_config
 from detection.models import ARCHS, BACKBONES
 
@@ -52,44 +52,30 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in list_recipes():
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
-    from detection.training import EvaluationError, preflight, train
-    from engine.logs import setup_logging
+    from detection.training import EvaluationError
 
-    try:
-        cfg = load_config(args.config or default_recipe(args.model, args.data_path))
-        cfg = apply_overrides(
-            cfg, args.set, backbone=args.backbone, model=args.model, data_path=args.data_path,
-            train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir,
-            epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
-            device=args.device, amp=args.amp, weights_backbone=args.weights_backbone, trainable_layers=args.trainable_layers,
-            augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
-        )
-        cfg = preflight(cfg, resume=args.resume)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _train(args), failures=(EvaluationError,))
 
-    from engine import distributed as dist_utils
+
+def _train(args: argparse.Namespace) -> int:
     from detection.evaluation import format_metrics
-    from engine.runner import NonFiniteLossError
+    from detection.training import preflight, train
+    from engine import distributed as dist_utils
 
-    setup_logging()
-    try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)  # names the last good checkpoint (engine.runner), or says there is none
-        return 1
+    cfg = load_config(args.config or default_recipe(args.model, args.data_path))
+    cfg = apply_overrides(
+        cfg, args.set, backbone=args.backbone, model=args.model, data_path=args.data_path,
+        train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir,
+        epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
+        device=args.device, amp=args.amp, weights_backbone=args.weights_backbone, trainable_layers=args.trainable_layers,
+        augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
+    )
+    cfg = preflight(cfg, resume=args.resume)  # every input checked before any work
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if dist_utils.is_main_process():
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
         if result["metrics"]:
             print(format_metrics(result["metrics"]))
-    dist_utils.cleanup()
     return 0
 
 

@@ -26,8 +26,7 @@ where the bytes come in, not by the exception types seen so far. Metadata of exp
 files is read without loading the graph: the ONNX reader walks only the top level of
 the protobuf, seeking past the graph, and TorchScript's is one zip entry.
 
-Writes are atomic: ``atomic_write``, ``atomic_save`` and ``atomic_write_text`` (from
-``engine.files``, re-exported here), and for writers that need a path of their own
+Writes are atomic: ``engine.files``'s ``atomic_write``, ``atomic_save`` and ``atomic_write_text``, and for writers that need a path of their own
 (``onnx.save``, ``torch.jit.save``) ``temporary_folder`` + ``publish``: a kill at any
 moment leaves the previous file or the new one, never a mix.
 """
@@ -43,15 +42,16 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from backbones.weights import TORCH_LEGACY_MAGIC, TORCH_ZIP_MAGIC, FileFormatError, WeightsError, normalize_state_dict, read_checkpoint
-from engine.files import atomic_save, atomic_write, atomic_write_text, file_mode
+from backbones.weights import FileFormatError, WeightsError, normalize_state_dict, read_checkpoint
+from classification.checkpoint import CLASSIFIER_KEYS, CLASSIFIER_TRAINING_KEYS
+from detection.checkpoint import DETECTOR_KEYS, TRAINING_KEYS
+from engine.files import NotOnnx, container_of, file_mode, scan_onnx
 
 __all__ = [
     "CLASSIFIER_KEYS",
     "CLASSIFIER_TRAINING_KEYS",
-    "CONTAINERS",
     "DETECTOR_KEYS",
     "EXPORTED_RUNTIMES",
     "KINDS",
@@ -60,10 +60,6 @@ __all__ = [
     "TRAINING_KEYS",
     "FileFormatError",
     "FileInfo",
-    "atomic_save",
-    "atomic_write",
-    "atomic_write_text",
-    "container_of",
     "decode_metadata",
     "identify",
     "is_exported",
@@ -71,19 +67,11 @@ __all__ = [
     "publish",
     "read_exported_metadata",
     "read_onnx_metadata",
-    "read_torch_file",
     "resolve_runtime",
     "temporary_folder",
 ]
 
-# The keys each torch kind must hold (detection.checkpoint writes them).
-DETECTOR_KEYS = ("model", "build_args")
-TRAINING_KEYS = DETECTOR_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config", "category_mapping")
-CLASSIFIER_KEYS = ("model", "arch", "classes")
-CLASSIFIER_TRAINING_KEYS = CLASSIFIER_KEYS + ("optimizer", "scheduler", "scaler", "model_ema", "epoch", "iteration", "config")
-
 KINDS = ("training_state", "detector", "classifier_training_state", "classifier", "state_dict", "onnx", "torchscript")
-CONTAINERS = ("torch", "torchscript", "onnx")
 RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
 EXPORTED_RUNTIMES = ("onnxruntime", "openvino", "torchscript")
 _RUNTIMES_OF = {"torch": ("torch",), "onnx": ("onnxruntime", "openvino"), "torchscript": ("torchscript",)}
@@ -99,7 +87,7 @@ _KEYED_KINDS = (
 )
 _KIND_RUNTIMES = {"training_state": ("torch",), "detector": ("torch",), "onnx": _RUNTIMES_OF["onnx"], "torchscript": ("torchscript",)}
 _TORCHSCRIPT_METADATA = "extra/resfpn.json"
-# resfpn.nms of ONNX files whose NMS has no empty-result If (detection.export); OpenVINO invents a row from that If.
+# resfpn.nms of ONNX files whose NMS has no empty-result If (deploy.export); OpenVINO invents a row from that If.
 NMS_WITHOUT_BRANCH = "batched coordinate trick, no empty-result branch"
 
 
@@ -129,125 +117,6 @@ class FileInfo:
 # What a file is
 
 
-class _NotOnnx(Exception):
-    """The bytes do not scan as an ONNX ModelProto (internal; the reason is the message)."""
-
-
-def _varint(f: BinaryIO) -> int:
-    value = shift = 0
-    for _ in range(10):
-        byte = f.read(1)
-        if not byte:
-            raise _NotOnnx("it ends inside a protobuf number")
-        value |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return value
-        shift += 7
-    raise _NotOnnx("a protobuf number runs over 10 bytes")
-
-
-# ModelProto's top-level fields and their wire types (onnx.proto): 0 varint, 2 length-delimited.
-_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
-_IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
-
-
-def _string_pair(data: bytes) -> tuple[str, str]:
-    """A ``StringStringEntryProto`` (1: key, 2: value)."""
-    import io
-
-    out = {1: "", 2: ""}
-    f = io.BytesIO(data)
-    while f.tell() < len(data):
-        tag = _varint(f)
-        number, wire = tag >> 3, tag & 7
-        if wire != 2:
-            raise _NotOnnx(f"a metadata entry has field {number} of wire type {wire}")
-        n = _varint(f)
-        value = f.read(n)
-        if len(value) != n:
-            raise _NotOnnx("a metadata entry runs past its end")
-        if number in out:
-            try:
-                out[number] = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _NotOnnx("a metadata entry is not UTF-8") from None
-    return out[1], out[2]
-
-
-def _scan_onnx(path: Path) -> list[tuple[str, str]]:
-    """Walk the top level of an ONNX file (seeking past the graph); return its ``metadata_props``."""
-    size = path.stat().st_size
-    seen: set[int] = set()
-    props: list[tuple[str, str]] = []
-    with open(path, "rb") as f:
-        while f.tell() < size:
-            tag = _varint(f)
-            number, wire = tag >> 3, tag & 7
-            if number == 0 or wire not in (0, 1, 2, 5) or _MODEL_FIELDS.get(number, wire) != wire:
-                raise _NotOnnx(f"byte {f.tell()} holds field {number} of wire type {wire}, which an ONNX model does not have")
-            if wire == 0:
-                _varint(f)
-            elif wire in (1, 5):
-                f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
-            else:
-                n = _varint(f)
-                if f.tell() + n > size:
-                    raise _NotOnnx(f"field {number} claims {n} bytes at byte {f.tell()}, past the end ({size} bytes): truncated?")
-                if number == _METADATA_PROPS:
-                    props.append(_string_pair(f.read(n)))
-                else:
-                    f.seek(n, os.SEEK_CUR)
-            if f.tell() > size:
-                raise _NotOnnx(f"field {number} runs past the end ({size} bytes): truncated?")
-            seen.add(number)
-    if _IR_VERSION not in seen or _GRAPH not in seen:
-        raise _NotOnnx("it has no " + ("ir_version" if _IR_VERSION not in seen else "graph"))
-    return props
-
-
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.namelist()
-    except Exception as e:  # noqa: BLE001  (zipfile raises several types for damaged archives)
-        raise FileFormatError(f"could not read {path}: it starts as a zip archive (a torch file) but is truncated or corrupt ({type(e).__name__}: {e})") from None
-
-
-def _is_torchscript(names: list[str]) -> bool:
-    return any("/code/" in n or n.endswith("/constants.pkl") for n in names)
-
-
-def container_of(path: str | os.PathLike) -> str:
-    """``"torch"``, ``"torchscript"`` or ``"onnx"``, from the file's bytes (cheap: no model is loaded).
-
-    Args:
-        path: an existing file.
-
-    Raises:
-        FileFormatError: the bytes are none of them (the message names the file and why).
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise WeightsError(f"could not open {path}: {e}") from None
-    if head.startswith(TORCH_ZIP_MAGIC):
-        return "torchscript" if _is_torchscript(_zip_names(path)) else "torch"
-    if head.startswith(TORCH_LEGACY_MAGIC):
-        return "torch"
-    try:
-        _scan_onnx(path)
-    except _NotOnnx as e:
-        # Where the ONNX scan failed helps with a .onnx file; for anything else it is noise.
-        detail = f" ({e})" if path.suffix.lower() == ".onnx" else ""
-        raise FileFormatError(
-            f"could not read {path} as a model file: its {path.stat().st_size} bytes start with {head.hex() or 'nothing'}, "
-            f"which is neither a torch file (a zip archive or a pickle) nor an ONNX model{detail}"
-        ) from None
-    return "onnx"
-
-
 def kind_of(obj: Any) -> str | None:
     """The kind of a loaded torch file's content (``KINDS``), or ``None`` when it is none of them.
 
@@ -265,28 +134,6 @@ def kind_of(obj: Any) -> str | None:
     except WeightsError:
         return None
     return "state_dict"
-
-
-def read_torch_file(path: str | os.PathLike) -> Any:
-    """Read a ``torch.save`` file as data (``weights_only=True``); an exported file is refused, saying what it is.
-
-    Args:
-        path: the file.
-
-    Raises:
-        WeightsError: the file is missing.
-        FileFormatError: its bytes are not a torch checkpoint (an exported file, junk,
-            truncated, pickled code).
-    """
-    path = Path(path)
-    if path.is_file():
-        try:
-            container: str | None = container_of(path)
-        except FileFormatError:
-            container = None  # not a model file at all: read_checkpoint says why in a checkpoint's terms
-        if container not in (None, "torch"):
-            raise FileFormatError(f"{path} is {_DESCRIBED[container]}, not a PyTorch checkpoint; run it with detection.load_exported (--runtime)")
-    return read_checkpoint(path)
 
 
 def _torchscript_metadata(path: Path) -> dict[str, Any]:
@@ -313,8 +160,8 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} not found")
     try:
-        return dict(_scan_onnx(path))
-    except _NotOnnx as e:
+        return dict(scan_onnx(path))
+    except NotOnnx as e:
         raise FileFormatError(f"{path} is not a readable ONNX file: {e}") from None
 
 
@@ -376,7 +223,7 @@ def identify(path: str | os.PathLike) -> FileInfo:
     kind = kind_of(obj)
     if kind is None:
         found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise FileFormatError(f"{path} is a torch file but not one this project reads (found {found}): see detection.files.KINDS")
+        raise FileFormatError(f"{path} is a torch file but not one this project reads (found {found}): see deploy.files.KINDS")
     return FileInfo(path, kind, container)
 
 

@@ -4,7 +4,7 @@ An exported ONNX file is self-contained: it takes one image as float32 ``[3, H, 
 RGB in [0, 1] of any size, and returns ``boxes`` (``[N, 4]`` xyxy in that image's
 pixels), ``labels`` (int64 contiguous labels 1..K, as the PyTorch model gives),
 ``scores`` and, for Mask R-CNN, ``mask_probs`` (``[N, 1, 28, 28]`` probabilities inside
-each box, which ``detection.runtime`` pastes into the image as torchvision does: a
+each box, which ``deploy.runtime`` pastes into the image as torchvision does: a
 few lines outside the graph, much faster than ONNX's per-detection loop). The
 detector's own resize and normalisation are inside the graph, with the resize factor
 computed in float64 as eager PyTorch computes it (torchvision's traced path uses
@@ -36,7 +36,7 @@ from torch.onnx import operators
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .files import NMS_WITHOUT_BRANCH, FileFormatError, decode_metadata, publish, read_onnx_metadata, temporary_folder
-from .models import has_masks as _predicts_masks
+from detection.models import has_masks as _predicts_masks
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -228,7 +228,7 @@ def _metadata(model: nn.Module, *, has_masks: bool, opset: int, export_size: tup
         "resfpn.labels": "contiguous 1..K; label i is class_names[i-1] and category_ids[i-1]",
         "resfpn.masks": json.dumps(
             "mask_probs [N, 1, M, M]: each detection's mask probabilities inside its box; paste them into the image "
-            "as torchvision.models.detection.roi_heads.paste_masks_in_image does (detection.runtime.load_exported does)"
+            "as torchvision.models.detection.roi_heads.paste_masks_in_image does (deploy.runtime.load_exported does)"
             if has_masks else None),
         "resfpn.resize": json.dumps({"min_size": int(t.min_size[-1]), "max_size": int(t.max_size), "size_divisible": int(t.size_divisible),
                                      "image_mean": list(t.image_mean), "image_std": list(t.image_std)}),
@@ -410,24 +410,21 @@ def calibration_images(
     Returns:
         float32 ``[3, H, W]`` images in [0, 1], at their own size.
     """
-    from .data import CocoDetection
-    from .data.roots import prepare_data_root
+    from detection.data import CocoDetection
+    from detection.data.roots import prepare_data_root
 
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ExportError(f"int8 needs calibration images: calib_images must be a positive integer (e.g. 64), got {count!r}")
     if config is None and data_path is None:
         raise ExportError("int8 needs calibration images and the checkpoint records no training data: pass data_path (--data-path DIR)")
-    try:
-        from .config import DEFAULTS
+    from detection.config import DEFAULTS
 
-        cfg: dict[str, Any] = {**DEFAULTS, **dict(config or {})}
-    except ImportError:  # pragma: no cover - config module being restructured
-        cfg = dict(config or {})
+    cfg: dict[str, Any] = {**DEFAULTS, **dict(config or {})}
     if data_path is not None:
         cfg.update(data_path=str(data_path), train_split=split, val_split=None)
     try:
         root, train_split, _ = prepare_data_root(cfg)
-        dataset = CocoDetection(root, split or train_split)
+        dataset = CocoDetection(root, split or train_split, exif_transpose=cfg["exif_transpose"])
     except (OSError, ValueError, KeyError) as e:
         raise ExportError(f"int8 needs calibration images; reading them failed: {e}. Pass --data-path DIR with a COCO-layout training split") from None
     if len(dataset) == 0:
@@ -543,7 +540,7 @@ def load_checkpoint_for_export(checkpoint: "str | os.PathLike[str]") -> tuple[nn
     """
     from backbones.weights import WeightsError
 
-    from .checkpoint import load_detector
+    from detection.checkpoint import load_detector
 
     try:
         model = load_detector(checkpoint)

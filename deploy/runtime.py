@@ -71,7 +71,7 @@ class ExportedDetector:
         inference_precision: OpenVINO only: the compiled model's own
             ``INFERENCE_PRECISION_HINT`` read back (``"f32"``, ``"bf16"``), what its CPU
             plugin really runs; ``None`` for the other runtimes.
-        metadata: everything the file records (``detection.files.read_exported_metadata``).
+        metadata: everything the file records (``deploy.files.read_exported_metadata``).
     """
 
     def __init__(
@@ -231,7 +231,7 @@ def load_exported(
 
     Args:
         path: a file from ``tools/export.py``: ONNX (fp32 or int8) or TorchScript; what
-            it is comes from its bytes (``detection.files``), not its name.
+            it is comes from its bytes (``deploy.files``), not its name.
         runtime: ``"onnxruntime"`` or ``"openvino"`` for ONNX files, ``"torchscript"``
             for TorchScript ones; default: ``onnxruntime`` for ONNX, ``torchscript`` for TorchScript.
         precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not

@@ -2,7 +2,7 @@
 
 One call for every way a model ships: a PyTorch checkpoint (``model_final.pth``), the
 same model on the fast inference path, or an exported file run by ONNX Runtime or
-OpenVINO (``detection.runtime``). The data set's category ids and names travel with the
+OpenVINO (``deploy.runtime``). The data set's category ids and names travel with the
 model, so users never map labels back by hand.
 """
 
@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_detector
+from detection.checkpoint import load_detector
 from engine.images import image_to_tensor, read_image_rgb
 from .files import RUNTIMES, is_exported, resolve_runtime
-from .models import has_masks
+from detection.models import has_masks
 
 __all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_model"]
 
-# Kept for callers that guess by name; what a file is comes from its bytes (detection.files).
+# Kept for callers that guess by name; what a file is comes from its bytes (deploy.files).
 EXPORTED_SUFFIXES = (".onnx",)
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
@@ -82,7 +82,7 @@ def load_model(
 ) -> Any:
     """Load a detector from a checkpoint or an exported file, ready to call like a torchvision detector.
 
-    What a file is comes from its bytes (``detection.files``), not its name.
+    What a file is comes from its bytes (``deploy.files``), not its name.
 
     Args:
         source: ``model_final.pth`` / ``checkpoint.pth``, an exported ONNX or TorchScript
@@ -90,7 +90,7 @@ def load_model(
         runtime: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``; default
             ``"torch"`` for checkpoints, ``"onnxruntime"`` for ONNX, ``"torchscript"`` for TorchScript.
         device: where a PyTorch model runs (exported files run on the CPU).
-        fast: PyTorch only: ``detection.fast.optimize_for_inference``.
+        fast: PyTorch only: ``deploy.fast.optimize_for_inference``.
         dtype: with ``fast``, the trunk's reduced precision (``torch.bfloat16``, ...).
 
     Returns:
