@@ -411,7 +411,7 @@ def calibration_images(
         float32 ``[3, H, W]`` images in [0, 1], at their own size.
     """
     from detection.data import CocoDetection
-    from detection.data.roots import prepare_data_root
+    from engine.roots import prepare_data_root
 
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ExportError(f"int8 needs calibration images: calib_images must be a positive integer (e.g. 64), got {count!r}")

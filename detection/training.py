@@ -24,7 +24,7 @@ from engine.runner import MetricsLog, Run, TrainData, TrainState
 
 from .checkpoint import read_checkpoint, read_training_state, save_detector, save_training_state
 from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_fn, create_aspect_ratio_groups
-from .data.roots import find_splits, prepare_data_root
+from engine.roots import find_splits, prepare_data_root
 from .evaluation import evaluate, format_metrics, format_per_category
 from .models import BACKBONES, build_detector, count_parameters
 from engine.plots import plot_curves, save_image

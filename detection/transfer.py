@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from classification import CLASSIFICATION, train_classifier
 from .config import apply_overrides, load_config
 from classification.data import generate_shapes_classification
-from .data.roots import prepare_data_root
+from engine.roots import prepare_data_root
 from .training import train
 from engine.logs import log_to_file
 

@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from deploy import gpu_check as cg
+
+from helpers import REPO, run_tool
 
 
 def _load_tool():
@@ -22,7 +25,7 @@ def _load_tool():
     return module
 
 
-cg = _load_tool()
+tool = _load_tool()
 ENV = {"gpu": "Test GPU", "compute_capability": "9.0", "gpu_memory_gib": 80.0, "gpu_count": 1, "driver": None,
        "torch": "2.x", "torchvision": "0.x", "cuda": "13.0", "cudnn": 91000, "python": "3.11", "cpu_count": 2,
        "tf32_cudnn": True, "tf32_matmul": False}
@@ -35,8 +38,7 @@ def _py(code: str) -> list[str]:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the tool runs the real check")
 def test_without_cuda_it_stops_at_once_with_one_error_line(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "tools/check_gpu.py", "--output-dir", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_tool(["tools/check_gpu.py", "--output-dir", str(out)], timeout=120, env=dict(os.environ))
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -110,7 +112,7 @@ def test_the_real_steps_are_the_ones_the_issue_names(tmp_path):
     assert train[train.index("--max-iters") + 1] == "300" and "eval_period=0" in train
     assert steps["eval"].requires == [tmp_path / "train" / "model_final.pth"]
     assert steps["benchmark"].cmd[1:5] == ["tools/benchmark.py", "--device", "cuda", "--quick"]
-    assert cg.parse_args([]).budget + cg.MIN_STEP_S < 8 * 60, "the default budget keeps the whole check under 8 minutes"
+    assert tool.parse_args([]).budget + cg.MIN_STEP_S < 8 * 60, "the default budget keeps the whole check under 8 minutes"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA tests run instead of skipping")

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ from detection import build_detector, save_detector
 from detection.config import CONFIG_DIR, ConfigError, apply_overrides, find_recipe, list_recipes, load_config
 from detection.data import CocoDetection
 from engine.datasets import DataPathError
-from detection.data.roots import find_splits
+from engine.roots import find_splits
 from detection.evaluation import coco_evaluate, evaluate
+from helpers import run_tool
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -37,8 +37,7 @@ TRIANGLE = [[4.0, 4.0, 44.0, 4.0, 4.0, 44.0]]  # box 40 x 40 = 1600 (medium); it
 
 
 def _run(args: list[str], cache: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RESFPN_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_tool(args, cache=cache, timeout=timeout)
 
 
 def _write_split(root: Path, split: str, data: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from engine import distributed as dist_utils
     from detection.config import DEFAULTS, resolve_device
     from detection.data import CocoDetection
-    from detection.data.roots import evaluation_data
+    from engine.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
     from deploy.files import is_exported
     from deploy.predictor import Predictor

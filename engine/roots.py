@@ -1,4 +1,7 @@
-"""Where a run's data lives: a user's COCO-layout folder, or the built-in shapes set made on first use."""
+"""Where a run's COCO-layout data lives: a user's folder and its splits, or the built-in shapes set made on first use.
+
+Shared by every task that reads the COCO layout (detection, semantic segmentation from instances).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from engine import shapes
-from engine.datasets import DataPathError, cache_root, generate_atomically
+from . import shapes
+from .datasets import DataPathError, cache_root, generate_atomically
 
-__all__ = ["DataPathError", "evaluation_data", "find_splits", "generate_atomically", "prepare_data_root", "shapes_cache_dir"]
+__all__ = ["evaluation_data", "find_splits", "prepare_data_root", "shapes_cache_dir"]
 
 logger = logging.getLogger(__name__)
 

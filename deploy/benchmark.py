@@ -1,0 +1,358 @@
+"""The benchmark behind ``tools/benchmark.py``: our models beside torchvision's own, measured in one run.
+
+Method. Trunk + pyramid, training and COCO-evaluation rows: every candidate is warmed
+up, then timed ``--reps`` times with the candidates of a row interleaved (so drift of
+the machine hits all of them alike); the median is reported, with the ratio to the
+reference of its row. Detector inference rows on the CPU: each candidate runs in a
+process of its own (so one candidate's memory and thread pools do not slow another),
+with the same number of threads, and reports the median of ``--reps`` forwards after
+``--warmup``; every detector does the same work (``fix_detector_work``: 1000
+proposals, 100 detections and masks, whatever the weights), so rows of different
+depths compare. The exported rows run the file ``deploy.export`` writes for the
+row's own model (fp32, and int8 by ONNX Runtime's static quantizer) through
+``deploy.runtime.load_exported``, each labelled with the precision that ran.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
+report the timing process's peak RSS during its first forward over its RSS before it
+(activations and workspace on top of the weights; Linux ``clear_refs``), the other
+rows the growth of a forked single-threaded child's peak RSS. CUDA timings are synchronised. Writes ``benchmark.json`` and
+``benchmark.png`` to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from backbones import resnet_fpn
+from detection.evaluation import coco_evaluate
+from detection.models import build_detector
+from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
+
+from .fast import optimize_for_inference
+
+__all__ = [
+    "bench_backbones",
+    "bench_coco_eval",
+    "bench_detectors",
+    "bench_training",
+    "fix_detector_work",
+    "format_table",
+    "plot",
+    "set_fixed_thresholds",
+    "time_candidate",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _tv_backbone(depth: int) -> nn.Module:
+    return resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, trainable_layers=5, norm_layer=nn.BatchNorm2d)
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    shapes = [(16, 224, 224), (1, 800, 1216)] if not args.quick else [(4, 224, 224), (1, args.size, args.size * 3 // 2)]
+    for depth in args.depths:
+        ours = resnet_fpn(depth).eval().to(device)
+        _randomise_bn(ours)
+        tv = _tv_backbone(depth).eval().to(device)
+        tv.load_state_dict(ours.state_dict())
+        detector_like = nn.Module()  # optimize_for_inference works on a detector's .backbone
+        detector_like.backbone = ours
+        fast_fp32 = optimize_for_inference(detector_like).backbone
+        low = torch.bfloat16 if device.type == "cpu" else torch.float16
+        fast_low = optimize_for_inference(detector_like, dtype=low).backbone
+        fast_low_all = optimize_for_inference(detector_like, dtype=low, autocast_pyramid=True).backbone
+        fast_low_trunk = optimize_for_inference(detector_like, dtype=low, autocast_pyramid=False).backbone
+        for n, h, w in shapes:
+            x = torch.rand(n, 3, h, w, device=device)
+            fns = {
+                "torchvision": lambda m=tv: m(x),
+                "ours": lambda m=ours: m(x),
+                "ours fast fp32": lambda m=fast_fp32: m(x),
+                f"ours fast {str(low).split('.')[-1]}": lambda m=fast_low: m(x),
+                f"ours fast {str(low).split('.')[-1]} + pyramid": lambda m=fast_low_all: m(x),
+                f"ours fast {str(low).split('.')[-1]}, fp32 pyramid": lambda m=fast_low_trunk: m(x),
+            }
+            with torch.no_grad():
+                t = time_interleaved(fns, args.reps, args.warmup, device)
+            for name, sec in t.items():
+                rows.append({"group": "trunk+FPN forward", "case": f"R{depth} {n}x{h}x{w}", "candidate": name,
+                             "images_per_s": n / sec, "seconds": sec, "ratio": t["torchvision"] / sec})
+
+
+def fix_detector_work(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Make a random-weight R-CNN do a fixed amount of work on any image, whatever its trunk.
+
+    Random heads make post-processing depend on the weights (how many proposals survive
+    NMS, how many boxes are small or above the score threshold), so detectors of
+    different depths would do different work. Here every forward keeps exactly
+    ``post_nms_top_n`` proposals (RPN NMS at IoU 1.0 suppresses nothing), scores every
+    proposal about 0.97 for class 1 and below 0.001 for the others (a box predictor with
+    class-1 bias and regression deltas of zero), and keeps ``detections_per_img`` of them
+    (box NMS at 1.0): 1000 RoIs through the box head and 100 detections (and masks) for
+    every candidate and every depth, with a 1,000-box NMS rather than a 90,000-box one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    predictor = model.roi_heads.box_predictor
+    with torch.no_grad():
+        predictor.cls_score.weight.zero_()
+        predictor.cls_score.weight[1].copy_(torch.randn(predictor.cls_score.weight.shape[1], generator=g) * 1e-3)
+        predictor.cls_score.bias.zero_()
+        predictor.cls_score.bias[1] = 8.0
+        predictor.bbox_pred.weight.zero_()
+        predictor.bbox_pred.bias.zero_()
+    set_fixed_thresholds(model)
+    return model
+
+
+def set_fixed_thresholds(model: nn.Module) -> nn.Module:
+    """The thresholds of ``fix_detector_work`` (attributes, not weights: set them on every copy)."""
+    model.rpn.nms_thresh = 1.0
+    model.roi_heads.nms_thresh = 1.0
+    model.roi_heads.score_thresh = 0.05
+    return model
+
+
+def _detector_pairs(arch: str, depth: int, size: tuple[int, int], *, fixed_work: bool = True) -> dict[str, nn.Module]:
+    min_size, max_size = size
+    torch.manual_seed(0)
+    ours = build_detector(arch, backbone=f"resnet{depth}", num_classes=91, min_size=min_size, max_size=max_size).eval()
+    _randomise_bn(ours)
+    if fixed_work:
+        fix_detector_work(ours)
+    cls = FasterRCNN if arch == "faster_rcnn" else MaskRCNN
+    tv = cls(_tv_backbone(depth), 91, min_size=min_size, max_size=max_size).eval()
+    tv.load_state_dict(ours.state_dict())
+    if fixed_work:
+        set_fixed_thresholds(tv)
+    return {"torchvision": tv, "ours": ours}
+
+
+def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any]:
+    """Build one candidate of a detector row from its description (in the timing process)."""
+    arch, depth, size = spec["arch"], spec["depth"], tuple(spec["size"])
+    kind = spec["kind"]
+    if kind == "exported":
+        from deploy.runtime import load_exported
+
+        return load_exported(spec["path"], runtime=spec["runtime"], precision=spec.get("precision"), num_threads=spec["threads"])
+    if kind == "r50":
+        torch.manual_seed(0)
+        r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size[0], max_size=size[1]).eval()
+        return fix_detector_work(r50)
+    models = _detector_pairs(arch, depth, size)
+    if kind in models:
+        return models[kind]
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
+    return optimize_for_inference(models["ours"], dtype=dtype, autocast_pyramid=spec.get("autocast_pyramid", "outputs"))
+
+
+def _exported_candidates(arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    """Export the row's "ours" model (fp32 and int8) and describe each runtime/precision to time."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from deploy.export import export_onnx, quantize_onnx
+    except ImportError:
+        logger.warning("onnx/onnxruntime not installed: no exported rows (pip install -e '.[deploy]')")
+        return {}
+    model = _detector_pairs(arch, depth, size)["ours"]
+    fp32 = out_dir / f"{arch}_r{depth}_{size[0]}.onnx"
+    int8 = out_dir / f"{arch}_r{depth}_{size[0]}_int8.onnx"
+    export_onnx(model, fp32)
+    # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
+    g = torch.Generator().manual_seed(0)
+    side = min(size[0], 320)
+    quantize_onnx(fp32, int8, [torch.rand(3, side, side * 3 // 2, generator=g) for _ in range(2)])
+    specs = {"onnxruntime fp32": {"path": str(fp32), "runtime": "onnxruntime"},
+             "onnxruntime int8": {"path": str(int8), "runtime": "onnxruntime"}}
+    try:
+        import openvino  # noqa: F401
+
+        specs.update({
+            "openvino fp32": {"path": str(fp32), "runtime": "openvino", "precision": "fp32"},
+            "openvino bf16": {"path": str(fp32), "runtime": "openvino", "precision": "bf16"},
+            "openvino int8": {"path": str(int8), "runtime": "openvino", "precision": "fp32"},
+        })
+    except ImportError:
+        logger.warning("openvino not installed: no OpenVINO rows")
+    return {name: {"kind": "exported", **spec} for name, spec in specs.items()}
+
+
+def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    if device.type == "cuda":
+        return _bench_detectors_cuda(args, device, rows)
+    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
+    image = (size[0], int(size[0] * 1.52))  # 800x1216: both sides divisible by 32, as the issue's timings
+    low = "bfloat16"
+    export_dir = Path(args.output_dir) / "exported"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    cases = [("faster_rcnn", d) for d in args.depths] + [("mask_rcnn", d) for d in args.depths]
+    for arch, depth in cases:
+        candidates: dict[str, dict[str, Any]] = {
+            "torchvision": {"kind": "torchvision"},
+            "ours": {"kind": "ours"},
+            "ours fast fp32": {"kind": "fast", "dtype": "float32"},
+            f"ours fast {low}": {"kind": "fast", "dtype": low},
+            f"ours fast {low} + pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": True},
+            f"ours fast {low}, fp32 pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": False},
+        }
+        if arch == "faster_rcnn" and depth == args.depths[0]:
+            candidates["torchvision R50 (fasterrcnn_resnet50_fpn)"] = {"kind": "r50"}
+        if not args.no_export and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
+            candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick))
+        results = {}
+        for name, spec in candidates.items():
+            full = {**spec, "arch": arch, "depth": depth, "size": list(size), "image": list(image), "threads": torch.get_num_threads(),
+                    "reps": args.reps, "warmup": args.warmup}
+            results[name] = run_in_own_process(time_candidate, full)
+            logger.info("%s R%d %s: %s", arch, depth, name, results[name])
+        ref = results["torchvision"]["seconds"]
+        for name, r in results.items():
+            if "error" in r:
+                logger.error("%s R%d %s failed: %s", arch, depth, name, r["error"])
+                continue
+            rows.append({"group": "detector inference", "case": f"{arch} R{depth} {image[0]}x{image[1]}", "candidate": name,
+                         "images_per_s": 1 / r["seconds"], "seconds": r["seconds"], "ratio": ref / r["seconds"],
+                         "peak_mb": r["peak_mb"] if not args.no_memory else None, "detections": r["detections"]})
+
+
+def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
+    image = [torch.rand(3, size[0], int(size[0] * 1.52), device=device)]
+    for arch in ("faster_rcnn", "mask_rcnn"):
+        for depth in args.depths:
+            models = _detector_pairs(arch, depth, size)
+            models["ours fast fp32"] = optimize_for_inference(models["ours"])
+            models["ours fast float16"] = optimize_for_inference(models["ours"], dtype=torch.float16)
+            models = {k: m.to(device) for k, m in models.items()}
+            fns = {k: (lambda m=m: m(image)) for k, m in models.items()}
+            with torch.no_grad():
+                t = time_interleaved(fns, args.reps, args.warmup, device)
+                mem = {k: (peak_memory_mb(fn, device) if not args.no_memory else None) for k, fn in fns.items()}
+            for name, sec in t.items():
+                rows.append({"group": "detector inference", "case": f"{arch} R{depth} {size[0]}x{int(size[0] * 1.52)}", "candidate": name,
+                             "images_per_s": 1 / sec, "seconds": sec, "ratio": t["torchvision"] / sec, "peak_mb": mem[name]})
+
+
+def bench_training(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    n, side = (4, 256) if not args.quick else (2, args.size)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, side, side, generator=g).to(device) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        xy = torch.rand(4, 2, generator=g) * side * 0.6
+        wh = torch.rand(4, 2, generator=g) * side * 0.3 + 8
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": torch.randint(1, 91, (4,), generator=g).to(device)})
+    for depth in args.depths:
+        models = _detector_pairs("faster_rcnn", depth, (side, side), fixed_work=False)
+        models["ours --amp"] = models["ours"]
+        opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9) for k, m in models.items()}
+
+        def step(name: str) -> None:
+            model = models[name].to(device).train()
+            with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=name.endswith("--amp")):
+                loss = sum(model(images, targets).values())
+            opts[name].zero_grad()
+            loss.backward()
+            opts[name].step()
+
+        t = time_interleaved({k: (lambda k=k: step(k)) for k in models}, max(args.reps // 2, 2), 1, device)
+        for name, sec in t.items():
+            rows.append({"group": "training iteration", "case": f"faster_rcnn R{depth} {n}x{side}x{side}", "candidate": name,
+                         "images_per_s": n / sec, "seconds": sec, "ratio": t["torchvision"] / sec})
+
+
+def bench_coco_eval(args: argparse.Namespace, rows: list[dict]) -> None:
+    from pycocotools.coco import COCO
+
+    g = torch.Generator().manual_seed(0)
+    n_img, n_cat = (500, 20) if not args.quick else (100, 10)
+    images, anns, dets = [], [], []
+    for i in range(1, n_img + 1):
+        images.append({"id": i, "width": 640, "height": 480, "file_name": f"{i}.jpg"})
+        for _ in range(8):
+            x, y = (torch.rand(2, generator=g) * 500).tolist()
+            w, h = (torch.rand(2, generator=g) * 120 + 4).tolist()
+            c = int(torch.randint(1, n_cat + 1, (1,), generator=g))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            for _ in range(3):
+                jx, jy = (torch.randn(2, generator=g) * 6).tolist()
+                dets.append({"image_id": i, "category_id": c, "bbox": [x + jx, y + jy, w, h], "score": float(torch.rand(1, generator=g))})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in range(1, n_cat + 1)]}
+    gt.createIndex()
+    evaluators = ["pycocotools"]
+    try:
+        import faster_coco_eval  # noqa: F401
+
+        evaluators.append("faster")
+    except ImportError:
+        pass
+    t = time_interleaved({e: (lambda e=e: coco_evaluate(gt, dets, "bbox", evaluator=e)) for e in evaluators}, max(args.reps // 2, 2), 0, torch.device("cpu"))
+    for name, sec in t.items():
+        rows.append({"group": "COCO evaluation", "case": f"{len(dets)} bbox detections on {n_img} images", "candidate": name,
+                     "images_per_s": n_img / sec, "seconds": sec, "ratio": t["pycocotools"] / sec})
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'group':<20} {'case':<34} {'candidate':<42} {'img/s':>9} {'ms':>9} {'ratio':>6} {'peak MiB':>9}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        mem = r.get("peak_mb")
+        lines.append(
+            f"{r['group']:<20} {r['case']:<34} {r['candidate']:<42} {r['images_per_s']:9.2f} {r['seconds'] * 1000:9.1f} "
+            f"{r['ratio']:6.2f} {(f'{mem:9.0f}' if mem is not None else '        -')}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']} | {r['candidate']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
+    colors = ["tab:gray" if r["candidate"].startswith("torchvision") or r["candidate"] == "pycocotools" else "tab:blue" for r in rows]
+    ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
+    ax.axvline(1.0, color="k", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed relative to the reference of the row (higher is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def time_candidate(spec: dict[str, Any], queue: Any) -> None:
+    """Timing process: build, warm up, time ``reps`` forwards, report median seconds and peak RSS growth."""
+    try:
+        torch.set_num_threads(spec["threads"])
+        model = _build_candidate(spec)
+        image = [torch.rand(3, spec["image"][0], spec["image"][1], generator=torch.Generator().manual_seed(0))]
+        before = reset_peak_rss()
+        with torch.no_grad():
+            out = model(image)
+            peak = peak_rss_mb() - before
+            times = time_calls({"model": lambda: model(image)}, spec["reps"], spec["warmup"], torch.device("cpu"))["model"]
+        queue.put({"seconds": statistics.median(times), "peak_mb": peak, "detections": int(len(out[0]["boxes"]))})
+    except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})

@@ -1,0 +1,152 @@
+"""Timing and memory measurement, one way for every tool: interleaved repetitions, medians, peaks.
+
+``time_calls`` is the one timing loop (warm-up, then the candidates interleaved rep by
+rep, synchronised on CUDA); ``run_in_own_process`` isolates a candidate in a spawned
+process; peak memory is CUDA's allocator peak or the process's peak RSS (Linux
+``clear_refs``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["peak_memory_mb", "peak_rss_mb", "reset_peak_rss", "run_in_own_process", "sync", "time_calls", "time_interleaved"]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call for each candidate, calls interleaved rep by rep (drift hits all alike).
+
+    Args:
+        fns: name -> a call to time.
+        reps: timed calls of each.
+        warmup: untimed calls of each first.
+        device: synchronised around every call (CUDA).
+    """
+    return {k: statistics.median(v) for k, v in time_calls(fns, reps, warmup, device).items()}
+
+
+def time_calls(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of every timed call of each candidate, interleaved rep by rep: the one timing loop.
+
+    Args:
+        fns: name -> a call to time.
+        reps: timed calls of each.
+        warmup: untimed calls of each first.
+        device: synchronised around every call (CUDA).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def _child_peak(fn: Callable[[], Any], queue: Any) -> None:
+    # OpenMP's thread pool does not survive fork(); one thread is what DataLoader workers use too.
+    torch.set_num_threads(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory of one call, in MiB: ``max_memory_allocated`` over the resident memory on CUDA;
+    on the CPU the growth of a forked single-threaded child's peak RSS (``None`` if it hangs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_peak, args=(fn, queue))
+    proc.start()
+    proc.join(timeout=300)
+    if proc.is_alive():
+        proc.kill()
+        return None
+    return queue.get() if not queue.empty() else None
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return the RSS in MiB."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS in MiB (since ``reset_peak_rss``)."""
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_in_own_process(target: Callable[[dict[str, Any], Any], None], spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``target(spec, queue)`` in a fresh (spawned) process and return what it puts on the queue.
+
+    One candidate's memory and thread pools cannot slow another this way. ``target``
+    must be importable (a module-level function) and put exactly one dict.
+
+    Args:
+        target: the measurement, run in the child.
+        spec: its description (picklable).
+
+    Raises:
+        RuntimeError: the child exited without a result (an import error, the OOM killer).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(spec, queue))
+    proc.start()
+    try:
+        result = None
+        while result is None:
+            try:
+                result = queue.get(timeout=5)
+            except queue_mod.Empty:
+                # A candidate that died (an import error, the OOM killer) puts nothing; say so instead of waiting.
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError(f"the timing process for {spec.get('name', spec)} exited with code {proc.exitcode} and no result") from None
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    return result
