@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
-from deploy.predictor import EXPORTED_SUFFIXES, RUNTIMES
+from deploy.files import RUNTIMES, is_exported
+from deploy.inputs import check_output_folder, image_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,57 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     return p.parse_args(argv)
-
-
-def _check_output(out: Path) -> None:
-    """``out`` must be a folder or becomable one: no file at it or at any folder above it."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == out else f" ({path} is a file)"
-                raise ValueError(f"--output {out} cannot be a folder{where}: pass a folder for the PNGs and detections.json")
-            return
-
-
-def _image_files(src: Path, out_dir: Path) -> tuple[list[tuple[Path, str]], list[str]]:
-    """``(file, name)`` for every image under ``src`` by extension, subfolders included, and what was left out.
-
-    ``name`` is the path relative to ``src`` (the file name for a single file). Hidden files and
-    folders and the output folder (when it lies inside ``src``) are not walked.
-    """
-    from PIL import Image
-
-    if src.is_file():
-        try:
-            with Image.open(src):
-                pass
-        except Exception as e:  # noqa: BLE001  (PIL raises several types for files that are not images)
-            raise ValueError(f"--input {src} is not an image PIL can read ({type(e).__name__}: {e})") from None
-        return [(src, src.name)], []
-    if not src.is_dir():
-        raise FileNotFoundError(f"input {src} does not exist")
-    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    out_resolved = out_dir.resolve()
-    found: list[tuple[Path, str]] = []
-    left_out: list[str] = []
-    for folder, dirs, files in os.walk(src):
-        here = Path(folder)
-        kept = []
-        for d in sorted(dirs):
-            if d.startswith(".") or (here / d).resolve() == out_resolved:
-                left_out.append((here / d).relative_to(src).as_posix() + "/")
-            else:
-                kept.append(d)
-        dirs[:] = kept  # os.walk descends only into these, in this order
-        for name in sorted(files):
-            rel = (here / name).relative_to(src).as_posix()
-            if name.startswith(".") or Path(name).suffix.lower() not in readable:
-                left_out.append(rel)
-            else:
-                found.append((here / name, rel))
-    if not found:
-        raise FileNotFoundError(f"no images PIL can read in {src} or its subfolders")
-    return found, left_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,9 +53,9 @@ def _infer(args: argparse.Namespace) -> int:
     try:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
-        _check_output(out_dir)
-        paths, left_out = _image_files(Path(args.input), out_dir)
-        exported = args.runtime not in (None, "torch") or Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES
+        check_output_folder(out_dir, what="--output")
+        paths, left_out = image_files(Path(args.input), out_dir, what="--input")
+        exported = is_exported(args.checkpoint, args.runtime)
         if exported and args.device == "cuda":
             raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
         device = "cpu" if exported else resolve_device(args.device)
