@@ -73,12 +73,13 @@ SEGMENTATION = RUN.extend(
         "train_split": None,  # null: "train" for VOC and shapes, the one instances_*train*.json for COCO
         "val_split": None,  # null: "val" for VOC and shapes, the one instances_*val*.json for COCO
         "coco_categories": None,  # null: every category; "voc": torchvision's 20 VOC categories of COCO; or a list of ids
+        "class_names": None,  # VOC layout: label names, index = label (null: VOC's 21); COCO names come from its categories
         "base_size": 520,  # short side the random rescale is relative to (null: the image's own)
         "crop_size": 480,
         "scale_range": [0.5, 2.0],
         "hflip_prob": 0.5,
         "val_resize": 520,  # evaluation: short side resized to this (null: as they are)
-        "val_batch_size": 1,  # evaluation images per batch (padded to the largest)
+        "val_batch_size": 1,  # evaluation images loaded together; those of one size run as a batch (none is padded)
         "shapes_train": 1000,
         "shapes_val": 200,
         "shapes_size": 320,
@@ -112,6 +113,8 @@ SEGMENTATION = RUN.extend(
         "coco_categories": ("null, 'voc' or a non-empty list of distinct COCO category ids",
                             lambda v: v is None or v == "voc" or (isinstance(v, list) and bool(v) and all(POS_INT[1](x) for x in v)
                                                                   and len(set(v)) == len(v))),
+        "class_names": optional(("a list of at least 2 label names, background first",
+                                 lambda v: isinstance(v, list) and len(v) >= 2 and all(STR[1](x) for x in v))),
         "base_size": optional(POS_INT),
         "crop_size": POS_INT,
         "scale_range": ("[low, high] with 0 < low <= high", lambda v: isinstance(v, list) and len(v) == 2 and all(POS_NUM[1](x) for x in v)),

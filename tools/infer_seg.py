@@ -1,0 +1,85 @@
+"""Run a trained segmenter on pictures and draw its class map over them in colour.
+
+    python tools/infer_seg.py --checkpoint outputs/seg_shapes_semantic_fpn_r18/model_final.pth --input photo.jpg --output vis/
+    python tools/infer_seg.py --checkpoint model_final.pth --input images/ --output vis/ --masks --resize 520
+
+Writes one overlay PNG per input, named after the whole file name (a.jpg -> a.jpg.png), with a key
+of the classes present; with --masks also the class map as a VOC-style palette PNG
+(a.jpg.mask.png, pixel value = label), and segmentation.json (per image: labels present,
+their pixels and share). A folder is walked with its subfolders, keeping relative paths;
+photos are used upright (EXIF orientation applied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.cli import DEVICES, run_tool
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from tools/train_seg.py")
+    p.add_argument("--input", required=True, help="an image file or a folder of images, subfolders included")
+    p.add_argument("--output", required=True, help="folder for the PNGs and segmentation.json (made when there is something to write)")
+    p.add_argument("--resize", type=int, help="run the model with the short side at this many pixels (the overlay keeps the picture's size)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (0-1)")
+    p.add_argument("--masks", action="store_true", help="also write each class map as a palette PNG (<name>.mask.png)")
+    p.add_argument("--device", choices=list(DEVICES), default="auto")
+    return p.parse_args(argv)
+
+
+def work(args: argparse.Namespace) -> int:
+    from deploy.inputs import check_output_folder, image_files
+    from engine.config import ConfigError, resolve_device
+    from engine.files import atomic_write_text
+    from engine.plots import save_image
+    from segmentation import SegmentationPredictor, draw_segmentation, save_class_map
+    from segmentation.predict import read_image_exif
+
+    out = Path(args.output)
+    check_output_folder(out, what="--output")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ConfigError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.resize is not None and args.resize < 1:
+        raise ConfigError(f"--resize must be a positive integer, got {args.resize}")
+    files, left_out = image_files(Path(args.input), out, what="--input")
+    predictor = SegmentationPredictor(args.checkpoint, device=resolve_device(args.device), resize=args.resize)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+        print(f"{args.input}: {len(files)} images; left out {len(left_out)} entries that are not images by their extension, "
+              f"hidden, or the output folder: {shown}")
+    summary = {}
+    for path, name in files:
+        try:
+            image = read_image_exif(path)
+        except ValueError as e:  # a corrupt file among good ones: say so, go on
+            print(f"skipping {e}", file=sys.stderr)
+            continue
+        result = predictor(image)
+        picture = draw_segmentation(image, result.class_map, class_names=predictor.class_names, alpha=args.alpha)
+        save_image(picture, out / f"{name}.png")  # whole or not at all; makes the folders it needs
+        if args.masks:
+            save_class_map(out / f"{name}.mask.png", result.class_map)
+        summary[name] = result.to_dict()
+        shares = [f"{c['name']} {100 * c['fraction']:.1f}%" for c in summary[name]["classes"] if c["label"] != 0]
+        print(f"{name}: {', '.join(shares) or 'background only'}")
+    if not summary:
+        raise ValueError(f"none of the {len(files)} inputs could be read as an image")
+    atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    print(f"wrote {len(summary)} overlays to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from engine.cli import USER_ERRORS
+
+    return run_tool(lambda _: work(args), user_errors=(*USER_ERRORS, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
