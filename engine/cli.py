@@ -6,7 +6,7 @@ prints nothing but the one ``error:`` line a user's mistake deserves:
 
     def main(argv=None) -> int:
         args = parse_args(argv)
-        return run_tool(lambda: work(args), user_errors=USER_ERRORS)
+        return run_tool(lambda cfg: train(cfg), check=lambda: preflight(args))
 
 A user's mistake (a flag, a file, a folder; the ``user_errors`` types) is one
 ``error: ...`` line and exit 2; training that diverged (``NonFiniteLossError``) is one
@@ -19,6 +19,7 @@ import contextlib
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -61,28 +62,32 @@ def fail(message: object, code: int = 2) -> int:
 
 
 def run_tool(
-    work: Callable[[], int | None],
+    work: Callable[[Any], int | None],
     *,
+    check: Callable[[], Any] = lambda: None,
     user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
     failures: tuple[type[BaseException], ...] = (),
     logging: bool = True,
 ) -> int:
-    """Run a tool's work with the project's logging and its error and exit-code conventions.
+    """Run a tool: its checks, then (with the project's logging) its work, with the error and exit-code conventions.
 
     Args:
-        work: the tool's body; returns its exit code (``None``: 0).
+        check: reads and checks every input before any work, with logging not yet set up,
+            so a mistake is one line; its result is passed to ``work``.
+        work: the tool's body, given what ``check`` returned; returns its exit code (``None``: 0).
         user_errors: exception types that are the user's mistake (one line, exit 2).
         failures: exception types whose message says what went wrong and what to do (one
             line, exit 1), besides ``NonFiniteLossError``.
-        logging: set up the project's console logging first.
+        logging: set up the project's console logging after the checks.
 
     Returns:
         The exit code: the work's, 2 for a user's mistake, 1 for a failure, 130 for Ctrl-C.
     """
-    if logging:
-        setup_logging()
     try:
-        code = work()
+        checked = check()
+        if logging:
+            setup_logging()
+        code = work(checked)
         return 0 if code is None else int(code)
     except user_errors as e:
         return fail(e)

@@ -46,7 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _bench(args))
+    return run_tool(lambda _: _bench(args))
 
 
 if __name__ == "__main__":

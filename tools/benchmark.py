@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _benchmark(args))
+    return run_tool(lambda _: _benchmark(args))
 
 
 def _benchmark(args: argparse.Namespace) -> int:

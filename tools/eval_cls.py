@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _evaluate(args))
+    return run_tool(lambda _: _evaluate(args), logging=False)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -48,8 +48,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from backbones.weights import IMAGENET_WEIGHTS
     from engine import distributed as dist_utils
+    from engine.logs import setup_logging
     from classification import evaluate_classifier, load_classifier_weights
-    from detection.config import ConfigError, resolve_device
+    from engine.config import ConfigError, resolve_device
     from classification.data import ImageFolder, ImageFolderError, build_cls_transform, prepare_cls_data_root
 
     try:
@@ -86,6 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         return fail(e)
 
+    setup_logging()  # after the checks: a mistake above is one line, not the load report and then the error
     dist_utils.init_distributed(device)
     amp_dtype = (torch.float16 if device == "cuda" else torch.bfloat16) if args.amp else None
     run_device = torch.device("cuda", dist_utils.local_rank()) if device == "cuda" else torch.device("cpu")

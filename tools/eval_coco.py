@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _evaluate(args))
+    return run_tool(lambda _: _evaluate(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

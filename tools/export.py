@@ -35,7 +35,7 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
 
 def main(argv: "list[str] | None" = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _export(args), user_errors=(*USER_ERRORS, ExportError, ValueError, ImportError))
+    return run_tool(lambda _: _export(args), user_errors=(*USER_ERRORS, ExportError, ValueError, ImportError))
 
 
 def _export(args: argparse.Namespace) -> int:

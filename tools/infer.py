@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _infer(args))
+    return run_tool(lambda _: _infer(args))
 
 
 def _infer(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: _demo(args))
+    return run_tool(lambda _: _demo(args))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -52,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in list_recipes("classification"):
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
-    return run_tool(lambda: _train(args))
+    return run_tool(_train, check=lambda: _check(args))
 
 
-def _train(args: argparse.Namespace) -> int:
-    from classification import CLASSIFICATION, default_cls_recipe, preflight_cls, train_classifier
-    from engine import distributed as dist_utils
+def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
+    from classification import CLASSIFICATION, default_cls_recipe, preflight_cls
 
     cfg = load_config(args.config or default_cls_recipe(args.data_path), schema=CLASSIFICATION)
     cfg = apply_overrides(
@@ -66,7 +65,14 @@ def _train(args: argparse.Namespace) -> int:
         max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr, device=args.device, amp=args.amp,
         weights=args.weights, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
     )
-    cfg = preflight_cls(cfg, resume=args.resume)  # every input checked before any work
+    return preflight_cls(cfg, resume=args.resume), args  # every input checked before any work
+
+
+def _train(checked: tuple[dict, argparse.Namespace]) -> int:
+    from classification import train_classifier
+    from engine import distributed as dist_utils
+
+    cfg, args = checked
     result = train_classifier(cfg, resume=args.resume, progress=not args.no_progress)
     if dist_utils.is_main_process():
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")

@@ -54,13 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from detection.training import EvaluationError
 
-    return run_tool(lambda: _train(args), failures=(EvaluationError,))
+    return run_tool(_train, check=lambda: _check(args), failures=(EvaluationError,))
 
 
-def _train(args: argparse.Namespace) -> int:
-    from detection.evaluation import format_metrics
-    from detection.training import preflight, train
-    from engine import distributed as dist_utils
+def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
+    from detection.training import preflight
 
     cfg = load_config(args.config or default_recipe(args.model, args.data_path))
     cfg = apply_overrides(
@@ -70,7 +68,15 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, weights_backbone=args.weights_backbone, trainable_layers=args.trainable_layers,
         augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
     )
-    cfg = preflight(cfg, resume=args.resume)  # every input checked before any work
+    return preflight(cfg, resume=args.resume), args  # every input checked before any work
+
+
+def _train(checked: tuple[dict, argparse.Namespace]) -> int:
+    from detection.evaluation import format_metrics
+    from detection.training import train
+    from engine import distributed as dist_utils
+
+    cfg, args = checked
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if dist_utils.is_main_process():
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
