@@ -11,3 +11,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def overfit_detector(tmp_path_factory):
+    """A small Faster R-CNN overfitted on two 96-px shapes images, trained once for the whole session.
+
+    80 AdamW steps give it confident detections (scores >= 0.5), which the fast path, the
+    exported files and the CUDA checks must keep. It is shared: a test that changes it works
+    on ``copy.deepcopy(overfit_detector.model)``.
+
+    Returns:
+        ``model`` (eval mode, CPU), ``images`` (the two training images, CHW in [0, 1]) and
+        ``root``: the shapes data set (``train`` = those two images, ``val`` = two more).
+    """
+    from types import SimpleNamespace
+
+    from detection import build_detector
+    from detection.data import CocoDetection, collate_fn
+    from engine import shapes
+
+    torch.manual_seed(0)
+    root = shapes.generate(tmp_path_factory.mktemp("overfit_shapes"), num_train=2, num_val=2, image_size=96, seed=1)
+    data = CocoDetection(root, "train")
+    images, targets = collate_fn([data[i] for i in range(len(data))])
+    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
+                           out_channels=64, representation_size=256)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(80):
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return SimpleNamespace(model=model.eval(), images=list(images), root=root)

@@ -1,0 +1,145 @@
+"""Plain helpers shared by the test files (fixtures live in conftest.py).
+
+``run_tool`` runs ``tools/<name>.py`` as a user would, with ``fresh=True`` in a new
+interpreter. Without it the tool runs as ``__main__`` in a child forked from the test
+process: the same file, flags, environment, exit code and output, minus the 4-5 CPU
+seconds a new interpreter spends importing torch, torchvision and the project. Each
+tool still starts from a new interpreter in at least one test.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tool_env(cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment tools run with in tests: one thread, no warnings, a private data cache."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    if cache is not None:
+        env["RESFPN_CACHE"] = str(cache)
+    return env
+
+
+def run_tool(
+    args: list[str], *, cache: Path | None = None, timeout: float = 300, fresh: bool = False, env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python tools/<name>.py ...`` from the repository root and capture its output.
+
+    Args:
+        args: the script's path relative to the repository (``tools/train_det.py``) and its flags.
+        cache: ``RESFPN_CACHE`` for the run (shapes data sets, downloaded weights).
+        timeout: seconds before the run is killed and ``subprocess.TimeoutExpired`` raised.
+        fresh: a new interpreter instead of a child forked from this process.
+        env: the whole environment (default ``tool_env(cache)``).
+    """
+    env = env if env is not None else tool_env(cache)
+    if fresh:
+        return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: become `python <script> <flags>` and never return into pytest
+            code = 1
+            try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+                sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+                os.chdir(REPO)
+                os.environ.clear()
+                os.environ.update(env)
+                torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # what the variable does at torch's import
+                _interpreter_warnings(ignore=env.get("PYTHONWARNINGS") == "ignore")
+                script = REPO / args[0]
+                sys.argv = [str(script), *args[1:]]
+                sys.path[0] = str(script.parent)
+                try:
+                    runpy.run_path(str(script), run_name="__main__")
+                    code = 0
+                except SystemExit as e:  # sys.exit(n), sys.exit("message") and argparse's exit 2, as the interpreter reads them
+                    if e.code is None or isinstance(e.code, int):
+                        code = e.code or 0
+                    else:
+                        print(e.code, file=sys.stderr)
+                        code = 1
+                except BaseException:  # noqa: BLE001 - what the interpreter would do: the traceback, exit 1
+                    import traceback
+
+                    traceback.print_exc()
+                    code = 1
+            finally:
+                try:
+                    logging.shutdown()  # what the interpreter does at exit: flush the tool's log files
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(args, timeout)
+                time.sleep(0.02)
+        except BaseException:  # a timeout, or the test run interrupted: leave no child behind
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = (f.read().decode(errors="replace") for f in (out, err))
+    return subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+
+
+def _interpreter_warnings(*, ignore: bool) -> None:
+    """Warnings as a new interpreter shows them (pytest records them instead): on stderr, default filters."""
+    warnings.resetwarnings()
+    if ignore:
+        warnings.simplefilter("ignore")
+    else:
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def random_statistics(model: nn.Module, seed: int = 0, *, affine: bool = False) -> nn.Module:
+    """Give every BatchNorm statistics like a trained network's, in place; returns ``model``.
+
+    Non-trivial running statistics show a checkpoint or an export that dropped or mangled
+    them; activations neither vanish nor explode over 34 layers.
+
+    Args:
+        model: any module; its ``BatchNorm2d`` and ``FrozenBatchNorm2d`` layers are changed.
+        seed: the generator's seed (the same seed gives the same numbers).
+        affine: also draw the scale and shift (``weight``, ``bias``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.4 + 0.8)
+                if affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.4 + 0.6)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+    return model
