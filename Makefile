@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train train-mask pretrain-demo test bench check-gpu clean
+.PHONY: install train train-mask train-seg pretrain-demo test bench check-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ train: $(STAMP)
 # The Mask R-CNN CPU demo: R18-FPN from scratch on the shapes data, bbox and segm AP (configs/shapes_mask_rcnn_r18_fpn.yaml).
 train-mask: $(STAMP)
 	$(PY) tools/train_det.py --model mask_rcnn
+
+# The semantic segmentation CPU demo: semantic FPN R18 from scratch on the shapes class maps, mIoU per epoch
+# (configs/seg_shapes_semantic_fpn_r18.yaml; tools/train_seg.py).
+train-seg: $(STAMP)
+	$(PY) tools/train_seg.py
 
 # The pretrained-trunk path offline: shapes crops, a trunk pretrained on them, the detector fine-tuned from it,
 # against training from scratch at equal total CPU time (tools/pretrain_demo.py; about 15 minutes on 2 cores).

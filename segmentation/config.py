@@ -65,6 +65,7 @@ SEGMENTATION = RUN.extend(
         "output_stride": None,  # 8 | 16 | 32; null: 8 for deeplabv3 and fcn, 32 for semantic_fpn
         "aux_loss": False,  # torchvision's FCNHead on layer3
         "aux_weight": 0.5,  # torchvision's weight of the auxiliary loss
+        "class_weights": None,  # cross-entropy weight per label (e.g. less for a background covering most pixels); null: equal
         "trainable_layers": 5,
         "norm": "bn",
         "model_kwargs": {},  # head options: head_channels, atrous_rates (deeplabv3), fpn_channels (semantic_fpn)
@@ -104,6 +105,8 @@ SEGMENTATION = RUN.extend(
         "output_stride": choice(None, *sorted(OUTPUT_STRIDES)),
         "aux_loss": BOOL,
         "aux_weight": NONNEG_NUM,
+        "class_weights": optional(("a list of non-negative numbers, one per label, not all 0",
+                                   lambda v: isinstance(v, list) and bool(v) and all(NONNEG_NUM[1](x) for x in v) and any(v))),
         "trainable_layers": ("an integer in [0, 5]", lambda v: is_int(v) and 0 <= v <= 5),
         "norm": choice("bn", "frozen_bn", "gn"),
         "model_kwargs": ("a mapping of option names to values", lambda v: isinstance(v, dict)),

@@ -223,11 +223,13 @@ class SegData(TrainData):
 # Model and loss
 
 
-def _cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # Mean over the counted pixels, and 0 (not nan) for a batch with none: a crop that fell
-    # entirely on ignored pixels must not stop the run as a non-finite loss.
-    total = F.cross_entropy(logits.float(), masks, ignore_index=ignore_index, reduction="sum")
-    return total / (masks != ignore_index).sum().clamp(min=1)
+def _cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    # The (weighted) mean over the counted pixels, as F.cross_entropy's, but 0 and not nan for a batch
+    # with none: a crop that fell entirely on ignored pixels must not stop the run as a non-finite loss.
+    total = F.cross_entropy(logits.float(), masks, weight=weight, ignore_index=ignore_index, reduction="sum")
+    counted = masks != ignore_index
+    norm = counted.sum() if weight is None else weight[masks[counted]].sum()
+    return total / norm.clamp(min=1e-12) if bool(counted.any()) else total * 0
 
 
 class SegmentationLoss(nn.Module):
@@ -235,25 +237,30 @@ class SegmentationLoss(nn.Module):
 
     torchvision's criterion: pixel-wise cross-entropy on ``"out"`` plus ``aux_weight``
     times that of ``"aux"`` (when the model has the auxiliary head), ignoring
-    ``ignore_index``.
+    ``ignore_index``; with ``class_weights``, the weighted mean of ``F.cross_entropy(weight=...)``.
 
     Args:
         model: a model from ``build_segmenter``.
         aux_weight: weight of the auxiliary loss (torchvision's 0.5).
         ignore_index: label that adds no loss.
+        class_weights: one weight per label (e.g. less for a background that covers
+            most pixels), or ``None`` for all equal.
     """
 
-    def __init__(self, model: nn.Module, aux_weight: float = 0.5, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, model: nn.Module, aux_weight: float = 0.5, ignore_index: int = IGNORE_INDEX,
+                 class_weights: list[float] | None = None) -> None:
         super().__init__()
         self.model = model
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weight, persistent=False)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(images)
-        losses = {"loss_seg": _cross_entropy(out["out"], masks, self.ignore_index)}
+        losses = {"loss_seg": _cross_entropy(out["out"], masks, self.ignore_index, self.class_weights)}
         if "aux" in out:
-            losses["loss_aux"] = self.aux_weight * _cross_entropy(out["aux"], masks, self.ignore_index)
+            losses["loss_aux"] = self.aux_weight * _cross_entropy(out["aux"], masks, self.ignore_index, self.class_weights)
         return losses
 
 
@@ -293,7 +300,11 @@ class SegmentationTask(runner.Task):
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info("%s/%s at output stride %d: %s parameters, %s trainable", cfg["model"], cfg["backbone"],
                         model.build_args["output_stride"], f"{total:,}", f"{trainable:,}")
-        return model, SegmentationLoss(model, aux_weight=float(cfg["aux_weight"]))
+        weights = cfg["class_weights"]
+        if weights is not None and len(weights) != len(data.class_names):
+            raise ConfigError(f"class_weights has {len(weights)} weights for {len(data.class_names)} labels ({', '.join(data.class_names[:8])}"
+                              f"{', ...' if len(data.class_names) > 8 else ''})")
+        return model, SegmentationLoss(model, aux_weight=float(cfg["aux_weight"]), class_weights=weights)
 
     def prepare_batch(self, batch: Any, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = batch

@@ -19,7 +19,7 @@ from segmentation import SHAPES_SEG_CLASSES, CocoSegmentation, load_segmenter, m
 from segmentation.checkpoint import read_segmenter_training_state, save_segmenter
 from segmentation.config import SEGMENTATION
 from segmentation.evaluation import evaluate_segmenter, seg_metrics
-from segmentation.training import SegmentationLoss, evaluation_dataset, preflight_seg, resolve_seg_data, train_segmenter
+from segmentation.training import TASK, SegmentationLoss, evaluation_dataset, preflight_seg, resolve_seg_data, train_segmenter
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -101,6 +101,15 @@ def test_a_bad_setting_names_the_key_and_what_it_must_be(tmp_path, override, mes
         _cfg(tmp_path / "run", override)
 
 
+def test_class_weights_need_one_weight_per_label(tmp_path, cache):
+    with pytest.raises(ConfigError, match="class_weights must be a list of non-negative numbers"):
+        _cfg(tmp_path / "run", "class_weights=[0, 0]")
+    cfg = _cfg(tmp_path / "run", "class_weights=[0.25, 1, 1]")
+    run = runner.setup_run(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"class_weights has 3 weights for 7 labels \(__background__, circle"):
+        TASK.build_model(cfg, run, TASK.build_data(cfg, run))
+
+
 def test_deeplabv3_needs_two_images_per_batch(tmp_path):
     with pytest.raises(ConfigError, match="batch_size must be at least 2 for deeplabv3"):
         _cfg(tmp_path / "run", "model=deeplabv3", "model_kwargs={}", "batch_size=1")
@@ -137,10 +146,16 @@ def test_loss_is_cross_entropy_over_counted_pixels_plus_half_the_aux_loss():
     assert losses["loss_seg"].item() == pytest.approx(expected.item(), rel=1e-6)
     aux = nn.functional.cross_entropy((2 * logits).permute(0, 2, 3, 1)[keep], masks[keep])
     assert losses["loss_aux"].item() == pytest.approx(0.5 * aux.item(), rel=1e-6)
+    # Class weights: torch's weighted mean over the counted pixels (the background counts a quarter here).
+    weight = [0.25, 1.0, 2.0]
+    weighted = SegmentationLoss(_Fixed(logits), class_weights=weight)(torch.zeros(2, 3, 4, 5), masks)["loss_seg"]
+    torch_weighted = nn.functional.cross_entropy(logits, masks, weight=torch.tensor(weight), ignore_index=255)
+    assert weighted.item() == pytest.approx(torch_weighted.item(), rel=1e-6) and weighted.item() != pytest.approx(expected.item())
     # A crop that fell entirely on ignored pixels adds nothing; it is not a non-finite loss.
-    empty = SegmentationLoss(_Fixed(logits))(torch.zeros(2, 3, 4, 5), torch.full((2, 4, 5), 255))
-    assert set(empty) == {"loss_seg"} and empty["loss_seg"].item() == 0.0
-    empty["loss_seg"].backward()
+    for w in (None, weight):
+        empty = SegmentationLoss(_Fixed(logits), class_weights=w)(torch.zeros(2, 3, 4, 5), torch.full((2, 4, 5), 255))
+        assert set(empty) == {"loss_seg"} and empty["loss_seg"].item() == 0.0
+        empty["loss_seg"].backward()
 
 
 class _Oracle(nn.Module):
