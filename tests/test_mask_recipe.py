@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from detection.checkpoint import read_checkpoint
 from detection.config import load_config
 from engine.images import image_to_tensor, read_image_rgb
 from detection.models import rebuild_detector
+from helpers import run_tool
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "shapes_mask_rcnn_r18_fpn.yaml"
@@ -31,8 +30,7 @@ TINY = [
 
 
 def _run(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RESFPN_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_tool(args, cache=cache, timeout=timeout)
 
 
 def _conv_widths(head: torch.nn.Module) -> list[tuple[int, int]]:

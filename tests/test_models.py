@@ -32,8 +32,8 @@ def _targets(masks=False):
     return targets
 
 
-@pytest.mark.parametrize("arch, tv_cls", [("faster_rcnn", FasterRCNN), ("mask_rcnn", MaskRCNN)])
-@pytest.mark.parametrize("depth", [18, 34])
+# Both heads on ResNet-18, the deeper trunk once: tests/test_fpn.py checks its trunk and pyramid against torchvision's.
+@pytest.mark.parametrize("depth, arch, tv_cls", [(18, "faster_rcnn", FasterRCNN), (18, "mask_rcnn", MaskRCNN), (34, "faster_rcnn", FasterRCNN)])
 def test_parity_with_torchvision(arch, tv_cls, depth):
     torch.manual_seed(0)
     ours = build_detector(arch, backbone=f"resnet{depth}", num_classes=91, box_score_thresh=0.0, **SMALL).eval()

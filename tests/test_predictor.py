@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,8 @@ from deploy import Prediction, Predictor
 
 from detection import build_detector, save_detector
 from engine.images import image_to_tensor
+from helpers import run_tool
 
-REPO = Path(__file__).resolve().parent.parent
 # Label 1 is category id 7 ("cat"), label 2 is id 3 ("dog"): not the sorted order, so a
 # mapping taken from anywhere but the checkpoint shows up.
 MAPPING = {"cat_ids": [7, 3], "names": ["cat", "dog"]}
@@ -191,13 +189,9 @@ def test_a_built_model_works_without_a_mapping(picture) -> None:
 # tools/infer.py
 
 
-def _infer(checkpoint: Path, src: Path, out: Path, thresh: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "tools/infer.py", "--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
-         "--device", "cpu", "--score-thresh", str(thresh)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
+def _infer(checkpoint: Path, src: Path, out: Path, thresh: float, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_tool(["tools/infer.py", "--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                     "--device", "cpu", "--score-thresh", str(thresh)], timeout=120, fresh=fresh)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +206,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_infer_folder_one_output_per_input_every_format(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
-    proc = _infer(checkpoint, folder, tmp_path, 0.0)
+    proc = _infer(checkpoint, folder, tmp_path, 0.0, fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["x.jpg.png", "x.png.png", "y.gif.png"]
     dets = json.loads((tmp_path / "detections.json").read_text())
