@@ -172,12 +172,8 @@ def test_a_fresh_run_in_a_used_folder_starts_its_own_records(tmp_path):
     assert not any((run.out / name).exists() for name in runner.RECORD_FILES)
 
 
-def test_epoch_is_right_in_every_record_under_max_iters(tmp_path, cache):
-    result = training.train(_cfg(tmp_path / "run", "epochs=2", "max_iters=3"), progress=False)
-    assert result["iteration"] == 3
-    records = _records(tmp_path / "run")
-    assert records[-1]["iter"] == 3 and "bbox/AP" in records[-1]
-    assert {r["epoch"] for r in records} == {0}
+# The epoch of every record under max_iters: tests/test_own_data.py (test_metrics_epoch_under_max_iters_and_parameter_counts),
+# the same run with the parameter counts checked too.
 
 
 def test_model_final_is_written_before_the_final_evaluation(tmp_path, cache, monkeypatch):

@@ -130,7 +130,8 @@ def test_short_run_writes_segm_detections_that_decode_to_the_image_size(mask_run
         assert mask.shape == sizes[det["image_id"]], det["image_id"]
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"bbox/AP", "segm/AP", "segm/AP50"} <= set(metrics)
+    assert {"bbox/AP", "segm/AP", "segm/AP50", "segm/APl"} <= set(metrics)
+    assert read_checkpoint(out / "checkpoint.pth")["iteration"] == 2
 
 
 def test_checkpoint_round_trips_through_load_detector_and_eval_coco(mask_run, tmp_path):
