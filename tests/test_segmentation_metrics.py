@@ -88,8 +88,8 @@ def test_bad_input_is_refused():
 
 
 def _rank(rank: int, init_file: str, out: str) -> None:
-    # Forked (a spawned process would import torch again: seconds on a busy machine); the
-    # tensors here are far below the size at which torch opens a parallel region.
+    # Spawned, not forked: a fork of the test process after other tests have started torch's
+    # thread pools crashed the whole pytest run (SIGSEGV) in a fresh-clone CI run.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -105,7 +105,7 @@ def _rank(rank: int, init_file: str, out: str) -> None:
 
 def test_two_ranks_sum_their_matrices(tmp_path):
     out = str(tmp_path / "mat")
-    mp.start_processes(_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="fork")
+    mp.start_processes(_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
     single = ConfusionMatrix(3)
     single.update(TARGET, PRED)
     single.update(TARGET[:1], PRED[:1])

@@ -218,6 +218,7 @@ def test_evaluation_does_not_depend_on_the_batch_size_when_sizes_differ():
 
 
 def _eval_rank(rank: int, init_file: str, out: str) -> None:
+    # Spawned, not forked: a forked gloo rank crashed a whole pytest run (SIGSEGV) in a fresh-clone CI run.
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -233,7 +234,7 @@ def _eval_rank(rank: int, init_file: str, out: str) -> None:
 
 def test_two_ranks_score_disjoint_halves_and_agree_with_one_process(tmp_path):
     out = str(tmp_path / "cm")
-    mp.start_processes(_eval_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="fork")
+    mp.start_processes(_eval_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
     samples = _samples()
     single = evaluate_segmenter(_Oracle([m if i % 3 else m * 0 for i, (_, m) in enumerate(samples)], 3), samples, num_classes=3)
     for rank in range(2):
