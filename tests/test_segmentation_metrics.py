@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from segmentation.metrics import ConfusionMatrix
 
@@ -87,25 +85,50 @@ def test_bad_input_is_refused():
     assert cm.mat.sum() == 0  # refused batches count nothing
 
 
-def _rank(rank: int, init_file: str, out: str) -> None:
-    # Spawned, not forked: a fork of the test process after other tests have started torch's
-    # thread pools crashed the whole pytest run (SIGSEGV) in a fresh-clone CI run.
+_TWO_RANKS = """
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from segmentation.metrics import ConfusionMatrix
+
+TARGET = torch.tensor({target})
+PRED = torch.tensor({pred})
+
+
+def rank_main(rank, init_file, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{{init_file}}", rank=rank, world_size=2)
     try:
         cm = ConfusionMatrix(3)
         if rank == 0:  # rank 1 sees no image at all and must still take part
             cm.update(TARGET, PRED)
         cm.update(TARGET[:1], PRED[:1])
         cm.reduce_from_all_processes()
-        torch.save(cm.mat, f"{out}.{rank}")
+        torch.save(cm.mat, f"{{out}}.{{rank}}")
     finally:
         dist.destroy_process_group()
 
 
+if __name__ == "__main__":
+    mp.start_processes(rank_main, args=(sys.argv[1], sys.argv[2]), nprocs=2, start_method="spawn")
+"""
+
+
 def test_two_ranks_sum_their_matrices(tmp_path):
+    # Two gloo ranks in a process of their own: started from the pytest process (forked or
+    # spawned), they crashed the whole run with SIGSEGV in a fresh-clone CI run.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(target=TARGET.tolist(), pred=PRED.tolist()))
     out = str(tmp_path / "mat")
-    mp.start_processes(_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "init"), out], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
     single = ConfusionMatrix(3)
     single.update(TARGET, PRED)
     single.update(TARGET[:1], PRED[:1])

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from engine import runner
@@ -234,7 +233,21 @@ def _eval_rank(rank: int, init_file: str, out: str) -> None:
 
 def test_two_ranks_score_disjoint_halves_and_agree_with_one_process(tmp_path):
     out = str(tmp_path / "cm")
-    mp.start_processes(_eval_rank, args=(str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    # The two gloo ranks run under a process of their own: started from the pytest process they
+    # crashed the whole run with SIGSEGV in a fresh-clone CI run.
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    script = tmp_path / "two_ranks.py"
+    script.write_text(
+        f"import sys\nsys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]\n"
+        "import torch.multiprocessing as mp\nfrom test_segmentation_training import _eval_rank\n"
+        "if __name__ == '__main__':\n"
+        f"    mp.start_processes(_eval_rank, args=({str(tmp_path / 'init')!r}, {out!r}), nprocs=2, start_method='spawn')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=tests.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     samples = _samples()
     single = evaluate_segmenter(_Oracle([m if i % 3 else m * 0 for i, (_, m) in enumerate(samples)], 3), samples, num_classes=3)
     for rank in range(2):
