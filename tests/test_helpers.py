@@ -39,7 +39,7 @@ def test_forked_run_matches_a_new_interpreter(tmp_path: Path, mode: str, warn: s
     env = tool_env(tmp_path / "cache")
     if warn == "default":
         del env["PYTHONWARNINGS"]
-    forked = run_tool([str(script), mode, "x y"], env=env)
+    forked = run_tool([str(script), mode, "x y"], env=env, fresh=False)
     fresh = run_tool([str(script), mode, "x y"], env=env, fresh=True)
     assert forked.returncode == fresh.returncode == {"plain": 0, "code": 3, "message": 1, "raise": 1, "main": 2}[mode]
     assert forked.stdout == fresh.stdout == f"argv ['{mode}', 'x y'] cwd {REPO} cache {tmp_path / 'cache'}\n"
@@ -55,7 +55,7 @@ def test_forked_run_times_out_and_leaves_no_child(tmp_path: Path) -> None:
     script = tmp_path / "slow.py"
     script.write_text(f"import os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        run_tool([str(script)], timeout=1)
+        run_tool([str(script)], timeout=1, fresh=False)
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(int((tmp_path / "pid").read_text()), 0)
 
