@@ -11,6 +11,13 @@ proposals, 100 detections and masks, whatever the weights), so rows of different
 depths compare. The exported rows run the file ``deploy.export`` writes for the
 row's own model (fp32, and int8 by ONNX Runtime's static quantizer) through
 ``deploy.runtime.load_exported``, each labelled with the precision that ran.
+Segmenter inference rows (``bench_segmenters``) on the CPU likewise: each candidate in a
+process of its own with the same threads, one 520x520 image, 21 classes (VOC), random
+weights: our DeepLabV3 R18/R34 at output stride 8 and 16 and Semantic FPN R18 against
+torchvision's ``deeplabv3_resnet50(weights=None, weights_backbone=None)`` (what a user
+takes today, the ratios' reference), plus the exported files (fp32, int8) of DeepLabV3
+R18 OS8 and Semantic FPN R18 in ONNX Runtime and OpenVINO. A segmenter's work does not
+depend on its weights (no thresholds, no NMS), so nothing needs fixing.
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
 report the timing process's peak RSS during its first forward over its RSS before it
 (activations and workspace on top of the weights; Linux ``clear_refs``), the other
@@ -34,6 +41,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from backbones import resnet_fpn
 from detection.evaluation import coco_evaluate
 from detection.models import build_detector
+from segmentation.models import build_segmenter
 from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
 
 from .fast import optimize_for_inference
@@ -43,6 +51,7 @@ __all__ = [
     "bench_coco_eval",
     "bench_detectors",
     "bench_roi_align",
+    "bench_segmenters",
     "bench_training",
     "fix_detector_work",
     "format_table",
@@ -50,6 +59,7 @@ __all__ = [
     "roi_align_cases",
     "set_fixed_thresholds",
     "time_candidate",
+    "time_segmenter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -251,6 +261,150 @@ def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: 
             for name, sec in t.items():
                 rows.append({"group": "detector inference", "case": f"{arch} R{depth} {size[0]}x{int(size[0] * 1.52)}", "candidate": name,
                              "images_per_s": 1 / sec, "seconds": sec, "ratio": t["torchvision"] / sec, "peak_mb": mem[name]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenters: ours against torchvision's deeplabv3_resnet50 at 520x520 (torchvision's evaluation size)
+
+SEG_SIZE = 520
+SEG_CLASSES = 21
+SEG_REFERENCE = "torchvision deeplabv3_resnet50"
+# The exported rows: one DeepLabV3 and the semantic FPN (architecture, depth, output stride).
+_SEG_EXPORTED = (("deeplabv3", 18, 8), ("semantic_fpn", 18, 32))
+
+
+def _seg_name(arch: str, depth: int, output_stride: int) -> str:
+    return f"deeplabv3 R{depth} OS{output_stride}" if arch == "deeplabv3" else f"{arch} R{depth}"
+
+
+def _seg_specs(depths: list[int]) -> dict[str, dict[str, Any]]:
+    """The eager candidates: torchvision's reference, then ours (DeepLabV3 at OS 8 and 16 per depth, Semantic FPN R18)."""
+    specs: dict[str, dict[str, Any]] = {SEG_REFERENCE: {"kind": "torchvision"}}
+    for depth in depths:
+        for stride in (8, 16):
+            specs[_seg_name("deeplabv3", depth, stride)] = {"kind": "ours", "arch": "deeplabv3", "depth": depth, "output_stride": stride}
+    if 18 in depths:
+        specs[_seg_name("semantic_fpn", 18, 32)] = {"kind": "ours", "arch": "semantic_fpn", "depth": 18, "output_stride": 32}
+    return specs
+
+
+def _build_seg_model(spec: dict[str, Any]) -> nn.Module:
+    torch.manual_seed(0)
+    if spec["kind"] == "torchvision":
+        from torchvision.models.segmentation import deeplabv3_resnet50
+
+        return deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=SEG_CLASSES).eval()
+    model = build_segmenter(spec["arch"], backbone=f"resnet{spec['depth']}", num_classes=SEG_CLASSES, output_stride=spec["output_stride"]).eval()
+    _randomise_bn(model)
+    return model
+
+
+def _exported_seg_candidates(depths: list[int], side: int, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Export the listed segmenters (fp32 and int8) and describe each runtime/precision to time."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from deploy.export import export_onnx, quantize_onnx
+    except ImportError:
+        logger.warning("onnx/onnxruntime not installed: no exported segmenter rows (pip install -e '.[deploy]')")
+        return {}
+    try:
+        import openvino  # noqa: F401
+
+        runtimes = [("onnxruntime fp32", "onnxruntime", None, False), ("onnxruntime int8", "onnxruntime", None, True),
+                    ("openvino fp32", "openvino", "fp32", False), ("openvino bf16", "openvino", "bf16", False),
+                    ("openvino int8", "openvino", "fp32", True)]
+    except ImportError:
+        logger.warning("openvino not installed: no OpenVINO segmenter rows")
+        runtimes = [("onnxruntime fp32", "onnxruntime", None, False), ("onnxruntime int8", "onnxruntime", None, True)]
+    specs: dict[str, dict[str, Any]] = {}
+    for arch, depth, stride in _SEG_EXPORTED:
+        if depth not in depths:
+            continue
+        model = _build_seg_model({"kind": "ours", "arch": arch, "depth": depth, "output_stride": stride})
+        fp32 = out_dir / f"seg_{arch}_r{depth}_os{stride}_{side}.onnx"
+        int8 = out_dir / f"seg_{arch}_r{depth}_os{stride}_{side}_int8.onnx"
+        export_onnx(model, fp32, export_size=(side, side))
+        # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
+        g = torch.Generator().manual_seed(0)
+        quantize_onnx(fp32, int8, [torch.rand(3, side, side, generator=g) for _ in range(2)])
+        for label, runtime, precision, quantized in runtimes:
+            specs[f"{_seg_name(arch, depth, stride)} {label}"] = {
+                "kind": "exported", "path": str(int8 if quantized else fp32), "runtime": runtime, "precision": precision}
+    return specs
+
+
+def time_segmenter(spec: dict[str, Any], queue: Any) -> None:
+    """Timing process of a segmenter candidate: build, warm up, time ``reps`` forwards, report median seconds and peak RSS growth."""
+    try:
+        torch.set_num_threads(spec["threads"])
+        if spec["kind"] == "exported":
+            from deploy.runtime import load_exported
+
+            model: Any = load_exported(spec["path"], runtime=spec["runtime"], precision=spec.get("precision"), num_threads=spec["threads"],
+                                       task="segmentation")
+        else:
+            model = _build_seg_model(spec)
+        # Any normalised batch does: the cost of a segmenter does not depend on the pixels.
+        x = torch.randn(1, 3, *spec["size"], generator=torch.Generator().manual_seed(0))
+        before = reset_peak_rss()
+        with torch.no_grad():
+            out = model(x)["out"]
+            peak = peak_rss_mb() - before
+            times = time_calls({"model": lambda: model(x)}, spec["reps"], spec["warmup"], torch.device("cpu"))["model"]
+        queue.put({"seconds": statistics.median(times), "peak_mb": peak, "output": list(out.shape)})
+    except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def bench_segmenters(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    """Segmenter inference rows: ours beside torchvision's ``deeplabv3_resnet50``, one image at 520x520 (``--quick``: ``--size``)."""
+    side = SEG_SIZE if not args.quick else args.size
+    case = f"1x{side}x{side}, {SEG_CLASSES} classes"
+    if device.type == "cuda":
+        return _bench_segmenters_cuda(args, device, rows, side, case)
+    candidates = _seg_specs(args.depths)
+    if not args.no_export:
+        export_dir = Path(args.output_dir) / "exported"
+        export_dir.mkdir(parents=True, exist_ok=True)
+        candidates.update(_exported_seg_candidates(args.depths, side, export_dir))
+    results = {}
+    for name, spec in candidates.items():
+        full = {**spec, "name": name, "size": [side, side], "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup}
+        results[name] = run_in_own_process(time_segmenter, full)
+        logger.info("segmenter %s: %s", name, results[name])
+    if "error" in results[SEG_REFERENCE]:
+        raise RuntimeError(f"the reference {SEG_REFERENCE} failed: {results[SEG_REFERENCE]['error']}")
+    ref = results[SEG_REFERENCE]["seconds"]
+    for name, r in results.items():
+        if "error" in r:
+            logger.error("segmenter %s failed: %s", name, r["error"])
+            continue
+        rows.append({"group": "segmenter inference", "case": case, "candidate": name, "images_per_s": 1 / r["seconds"],
+                     "seconds": r["seconds"], "ratio": ref / r["seconds"], "peak_mb": r["peak_mb"] if not args.no_memory else None,
+                     "output": r["output"]})
+
+
+def _bench_segmenters_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict], side: int, case: str) -> None:
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    models = {name: _build_seg_model(spec).to(device) for name, spec in _seg_specs(args.depths).items()}
+
+    def call(model: nn.Module, half: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+                return model(x)["out"]
+        return run
+
+    fns = {}
+    for name, model in models.items():
+        fns[name] = call(model, False)
+        fns[f"{name} fp16"] = call(model, True)
+    with torch.no_grad():
+        t = time_interleaved(fns, args.reps, args.warmup, device)
+        mem = {k: (peak_memory_mb(fn, device) if not args.no_memory else None) for k, fn in fns.items()}
+    for name, sec in t.items():
+        rows.append({"group": "segmenter inference", "case": case, "candidate": name, "images_per_s": 1 / sec, "seconds": sec,
+                     "ratio": t[SEG_REFERENCE] / sec, "peak_mb": mem[name]})
 
 
 def bench_training(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:

@@ -1,4 +1,8 @@
-"""Deployment files for trained detectors: TorchScript, ONNX, and int8 ONNX.
+"""Deployment files for trained detectors and segmenters: TorchScript, ONNX, and int8 ONNX.
+
+What a checkpoint holds decides what is exported (``export_checkpoint``): a detector as
+below, a semantic segmenter as ``deploy.segmenter`` describes (a batch of images in [0, 1]
+in, logits out); ``export_onnx``, ``export_torchscript`` and ``quantize_onnx`` take either.
 
 An exported ONNX file is self-contained: it takes one image as float32 ``[3, H, W]``
 RGB in [0, 1] of any size, and returns ``boxes`` (``[N, 4]`` xyxy in that image's
@@ -49,6 +53,7 @@ __all__ = [
     "check_export_args",
     "check_opset",
     "decode_metadata",
+    "export_checkpoint",
     "export_detector",
     "export_onnx",
     "export_torchscript",
@@ -217,6 +222,7 @@ def _metadata(model: nn.Module, *, has_masks: bool, opset: int, export_size: tup
     t = model.transform
     return {
         "resfpn.metadata_version": METADATA_VERSION,
+        "resfpn.task": "detection",
         "resfpn.arch": str(build_args.get("arch", type(model).__name__)),
         "resfpn.backbone": str(build_args.get("backbone", "")),
         "resfpn.num_classes": str(build_args.get("num_classes", "")),
@@ -292,15 +298,17 @@ def export_onnx(
     category_mapping: Optional[Mapping[str, Any]] = None,
     export_size: Optional[tuple[int, int]] = None,
 ) -> Path:
-    """Export a detector to one ONNX file (batch 1, any image size), written atomically.
+    """Export a detector (batch 1, any image size) or a segmenter (any batch and size) to one ONNX file, written atomically.
 
     Args:
-        model: a detector from ``build_detector`` / ``load_detector``; it is not modified.
+        model: a detector from ``build_detector`` / ``load_detector``, or a segmenter from
+            ``build_segmenter`` / ``load_segmenter`` (``deploy.segmenter``); it is not modified.
         output: destination ``.onnx`` file.
         opset: ONNX opset, ``MIN_OPSET`` (16) or newer.
-        category_mapping: ``{"cat_ids", "names"}`` to record; default ``model.category_mapping``.
-        export_size: ``(height, width)`` of the sample traced; default the model's own
-            scale (short side ``min_size``, 4:3). The file accepts any size.
+        category_mapping: detectors only: ``{"cat_ids", "names"}`` to record; default
+            ``model.category_mapping``.
+        export_size: ``(height, width)`` of the sample traced; default the detector's own
+            scale (short side ``min_size``, 4:3), for segmenters 256x320. The file accepts any size.
 
     Returns:
         The output path.
@@ -319,8 +327,15 @@ def _export_onnx(
 
     onnx = _require("onnx")
     check_opset(opset)
+    if _is_segmenter(model):
+        from .segmenter import export_segmenter_onnx
+
+        if category_mapping is not None:
+            raise ExportError("category_mapping is a detector's (category ids); a segmenter file records its class_names")
+        return export_segmenter_onnx(model, output, opset=opset, export_size=export_size)
     if not hasattr(model, "transform") or not hasattr(model, "backbone"):
-        raise ExportError(f"expected a torchvision detector from detection.build_detector, got {type(model).__name__}")
+        raise ExportError(f"expected a torchvision detector from detection.build_detector (or a segmenter from "
+                          f"segmentation.build_segmenter), got {type(model).__name__}")
     if hasattr(model, "optimized_for_inference"):
         raise ExportError("export the model itself, not an optimize_for_inference copy (its autocast and wrappers do not export)")
     output = Path(output)
@@ -352,15 +367,16 @@ def _export_onnx(
 
 
 def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, category_mapping: Optional[Mapping[str, Any]] = None) -> Path:
-    """Script a detector with ``torch.jit.script`` and save it atomically, metadata in ``resfpn.json``.
+    """Script a detector or a segmenter with ``torch.jit.script`` and save it atomically, metadata in ``resfpn.json``.
 
     The file loads with ``torch.jit.load`` (no resfpn needed); called on a list of
-    images it returns ``(losses, detections)`` as scripted torchvision detectors do.
+    images a detector returns ``(losses, detections)`` as scripted torchvision detectors
+    do; a segmenter takes a batch in [0, 1] and returns logits (``deploy.segmenter``).
 
     Args:
-        model: a detector from ``build_detector`` / ``load_detector``.
+        model: a detector from ``build_detector`` / ``load_detector``, or a segmenter.
         output: destination ``.pt`` file.
-        category_mapping: ``{"cat_ids", "names"}`` to record; default ``model.category_mapping``.
+        category_mapping: detectors only: ``{"cat_ids", "names"}`` to record; default ``model.category_mapping``.
 
     Returns:
         The output path.
@@ -368,6 +384,14 @@ def export_torchscript(model: nn.Module, output: "str | os.PathLike[str]", *, ca
     import copy
     import warnings
 
+    if _is_segmenter(model):
+        from .segmenter import export_segmenter_torchscript
+
+        if category_mapping is not None:
+            raise ExportError("category_mapping is a detector's (category ids); a segmenter file records its class_names")
+        output = export_segmenter_torchscript(model, output)
+        log.info("wrote %s (TorchScript)", output)
+        return output
     if not hasattr(model, "transform") or not hasattr(model, "backbone"):
         raise ExportError(f"expected a torchvision detector from detection.build_detector, got {type(model).__name__}")
     output = Path(output)
@@ -434,18 +458,36 @@ def calibration_images(
     return [dataset[i][0] for i in indices]
 
 
+def _is_segmenter(model: Any) -> bool:
+    from .segmenter import is_segmenter
+
+    return is_segmenter(model)
+
+
+def _graph_input(proto: Any) -> tuple[str, bool]:
+    """The graph's input name, and whether it takes a batch (``[N, 3, H, W]``: segmenters) rather than one image."""
+    first = proto.graph.input[0]
+    return first.name, len(first.type.tensor_type.shape.dim) == 4
+
+
+def _feed(image: Tensor, name: str, batched: bool) -> dict[str, Any]:
+    x = image.float().contiguous()
+    return {name: (x[None] if batched else x).numpy()}
+
+
 class _Images:
     """Calibration images as ONNX inputs, once through."""
 
-    def __init__(self, images: Sequence[Tensor]) -> None:
+    def __init__(self, images: Sequence[Tensor], name: str = "image", batched: bool = False) -> None:
         self.images = list(images)
+        self.name, self.batched = name, batched
         self.next = 0
 
     def get_next(self) -> Optional[dict[str, Any]]:
         if self.next >= len(self.images):
             return None
         self.next += 1
-        return {"image": self.images[self.next - 1].float().contiguous().numpy()}
+        return _feed(self.images[self.next - 1], self.name, self.batched)
 
     def rewind(self) -> None:
         self.next = 0
@@ -476,13 +518,15 @@ def quantize_onnx(
     Trunk, pyramid, RPN head and (Mask R-CNN) mask head convolutions become int8
     (weights per channel, activations per tensor, QDQ format that ONNX Runtime and
     OpenVINO both run as int8 kernels); the box head, NMS and post-processing stay
-    float32. Written atomically, with the input file's metadata plus ``precision``
-    ``int8`` and the method.
+    float32. In a segmenter file every convolution (trunk, pyramid, head) becomes int8;
+    the resizes stay float32. Written atomically, with the input file's metadata plus
+    ``precision`` ``int8`` and the method.
 
     Args:
         model_path: an fp32 file from ``export_onnx``.
         output: destination ``.onnx`` file.
-        images: calibration images (``calibration_images``), float32 ``[3, H, W]`` in [0, 1].
+        images: calibration images (``calibration_images``, ``seg_calibration_images``),
+            float32 ``[3, H, W]`` in [0, 1]; a segmenter file gets each as a batch of one.
         method: ``"onnxruntime"`` (``onnxruntime.quantization.quantize_static``, min-max
             calibration) or ``"nncf"`` (``nncf.quantize``, OpenVINO's toolkit).
 
@@ -505,6 +549,7 @@ def quantize_onnx(
     except Exception as e:  # noqa: BLE001  (a damaged graph: the file cannot be read as ONNX)
         raise FileFormatError(f"{model_path} is not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     convs = _conv_nodes(proto)
+    name, batched = _graph_input(proto)
     output = Path(output)
     with temporary_folder(output) as tmp:
         quantized = tmp / "int8.onnx"
@@ -512,14 +557,14 @@ def quantize_onnx(
             q = _require("onnxruntime.quantization")
             with _quiet_root_logger():  # quantize_static logs pre-processing advice on the root logger
                 q.quantize_static(
-                    str(model_path), str(quantized), _Images(images), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                    str(model_path), str(quantized), _Images(images, name, batched), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                     per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                     calibrate_method=q.CalibrationMethod.MinMax,
                 )
             result = onnx.load(str(quantized))
         else:
             nncf = _require("nncf", extra="nncf")
-            dataset = nncf.Dataset(list(images), lambda img: {"image": img.float().contiguous().numpy()})
+            dataset = nncf.Dataset(list(images), lambda img: _feed(img, name, batched))
             others = sorted({n.op_type for n in proto.graph.node if n.op_type != "Conv"})
             result = nncf.quantize(proto, dataset, subset_size=len(images), ignored_scope=nncf.IgnoredScope(types=others, validate=False))
         _set_metadata(result, {**meta, "resfpn.precision": "int8", "resfpn.int8": json.dumps(
@@ -532,20 +577,32 @@ def quantize_onnx(
 
 
 def load_checkpoint_for_export(checkpoint: "str | os.PathLike[str]") -> tuple[nn.Module, Optional[dict[str, Any]]]:
-    """Rebuild the detector of a checkpoint; return it with its training config (or ``None``).
+    """Rebuild the detector or segmenter of a checkpoint; return it with its training config (or ``None``).
+
+    What the file holds decides (``deploy.files.kind_of``): a segmenter file (from
+    ``save_segmenter`` or ``tools/train_seg.py``) rebuilds a segmenter, anything else is
+    read as a detector checkpoint (and refused as one when it is not).
 
     Args:
         checkpoint: ``model_final.pth`` / ``checkpoint.pth`` from ``tools/train_det.py``
-            or a file from ``save_detector``.
+            or ``tools/train_seg.py``, or a file from ``save_detector`` / ``save_segmenter``.
     """
     from backbones.weights import WeightsError
 
     from detection.checkpoint import load_detector
+    from engine.files import read_torch_file
+
+    from .files import kind_of
 
     try:
-        model = load_detector(checkpoint)
+        if kind_of(read_torch_file(checkpoint)) in ("segmenter", "segmenter_training_state"):
+            from segmentation.checkpoint import load_segmenter
+
+            model = load_segmenter(checkpoint)
+        else:
+            model = load_detector(checkpoint)
     except WeightsError as e:  # names the file and what is wrong with it, whatever its bytes
-        raise ExportError(f"{e} (pass --checkpoint model_final.pth written by tools/train_det.py)") from None
+        raise ExportError(f"{e} (pass --checkpoint model_final.pth written by tools/train_det.py or tools/train_seg.py)") from None
     config = getattr(model, "train_config", None)
     return model, dict(config) if isinstance(config, Mapping) else None
 
@@ -571,7 +628,7 @@ def check_export_args(*, format: str, opset: int, int8: bool, calib_images: int,
         _require("onnx")
 
 
-def export_detector(
+def export_checkpoint(
     checkpoint: "str | os.PathLike[str]",
     output: "str | os.PathLike[str]",
     *,
@@ -583,16 +640,17 @@ def export_detector(
     int8_method: str = "onnxruntime",
     export_size: Optional[tuple[int, int]] = None,
 ) -> Path:
-    """Export a training checkpoint: what ``tools/export.py`` does.
+    """Export a training checkpoint, detector or segmenter (its content decides): what ``tools/export.py`` does.
 
     Args:
-        checkpoint: ``model_final.pth`` (or any detector checkpoint).
+        checkpoint: ``model_final.pth`` (or any detector or segmenter checkpoint).
         output: destination file; nothing is written there unless the export succeeds.
         format: ``"onnx"`` or ``"torchscript"``.
         opset: ONNX opset (>= 16).
         int8: quantise the convolutions to int8 (ONNX only).
         calib_images: training images to calibrate int8 on.
-        data_path: COCO-layout root for calibration (default the checkpoint's training data).
+        data_path: root for calibration (default the checkpoint's training data): COCO
+            layout for detectors, VOC or COCO layout for segmenters.
         int8_method: ``"onnxruntime"`` or ``"nncf"`` (see ``quantize_onnx``).
         export_size: ``(height, width)`` traced (see ``export_onnx``).
 
@@ -605,8 +663,24 @@ def export_detector(
         return export_torchscript(model, output)
     if not int8:
         return export_onnx(model, output, opset=opset, export_size=export_size)
-    images = calibration_images(config=config, data_path=data_path, count=calib_images)
+    if _is_segmenter(model):
+        from .segmenter import seg_calibration_images
+
+        images = seg_calibration_images(config=config, data_path=data_path, count=calib_images, class_names=model.class_names)
+    else:
+        images = calibration_images(config=config, data_path=data_path, count=calib_images)
     output = Path(output)
     with temporary_folder(output) as tmp:
         fp32, _ = _export_onnx(model, tmp / "fp32.onnx", opset=opset, category_mapping=None, export_size=export_size)
         return quantize_onnx(fp32, output, images, method=int8_method)
+
+
+def export_detector(checkpoint: "str | os.PathLike[str]", output: "str | os.PathLike[str]", **kwargs: Any) -> Path:
+    """``export_checkpoint``'s first name, kept for callers; it exports segmenter checkpoints too.
+
+    Args:
+        checkpoint: a detector or segmenter checkpoint.
+        output: destination file.
+        **kwargs: ``export_checkpoint``'s options.
+    """
+    return export_checkpoint(checkpoint, output, **kwargs)

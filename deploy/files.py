@@ -9,16 +9,19 @@ kind                           what it holds                               writt
 ``detector``                   a detector (``model_final.pth``)            ``save_detector``      ``torch``
 ``classifier_training_state``  a ResNet classifier and its optimiser       ``tools/train_cls.py`` (trunk weights)
 ``classifier``                 a ResNet classifier                         ``save_classifier``    (trunk weights)
+``segmenter_training_state``   a segmenter and its optimiser (resume)      ``tools/train_seg.py`` ``torch``
+``segmenter``                  a semantic segmenter (``model_final.pth``)  ``save_segmenter``     ``torch``
 ``state_dict``                 tensors by name (torchvision's files, ...)  anyone                 (trunk weights)
-``onnx``                       an exported detector                        ``tools/export.py``    ``onnxruntime``, ``openvino``
-``torchscript``                an exported detector                        ``tools/export.py``    ``torchscript``
+``onnx``                       an exported detector or segmenter           ``tools/export.py``    ``onnxruntime``, ``openvino``
+``torchscript``                an exported detector or segmenter           ``tools/export.py``    ``torchscript``
 =============================  ==========================================  =====================  ============================
 
 The container comes from the first bytes (``container_of``): ``PK\\x03\\x04`` is a zip,
 which is a TorchScript archive when it holds ``code/``, else a ``torch.save`` file; a
 pickle (``\\x80``) is a legacy ``torch.save`` file; anything else must scan as an ONNX
 ``ModelProto`` (protobuf with an ``ir_version`` and a ``graph`` that ends where the
-file ends). The torch kinds then follow from the keys (``kind_of``).
+file ends). The torch kinds then follow from the keys (``kind_of``); an exported file's
+metadata says its task (``task``: ``"detection"`` or ``"segmentation"``).
 
 Every reader here raises ``FileFormatError`` (a ``backbones.weights.WeightsError``)
 naming the file for bytes it cannot use, whatever failed inside: reads are wrapped
@@ -71,21 +74,25 @@ __all__ = [
     "temporary_folder",
 ]
 
-KINDS = ("training_state", "detector", "classifier_training_state", "classifier", "state_dict", "onnx", "torchscript")
+KINDS = ("training_state", "detector", "classifier_training_state", "classifier", "segmenter_training_state", "segmenter",
+         "state_dict", "onnx", "torchscript")
+TASKS = ("detection", "segmentation")
 RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
 EXPORTED_RUNTIMES = ("onnxruntime", "openvino", "torchscript")
 _RUNTIMES_OF = {"torch": ("torch",), "onnx": ("onnxruntime", "openvino"), "torchscript": ("torchscript",)}
 _DESCRIBED = {
-    "torch": "a PyTorch checkpoint (model_final.pth / checkpoint.pth from tools/train_det.py)",
+    "torch": "a PyTorch checkpoint (model_final.pth / checkpoint.pth from tools/train_det.py or tools/train_seg.py)",
     "onnx": "an exported ONNX file (tools/export.py)",
     "torchscript": "a TorchScript file (tools/export.py --format torchscript)",
 }
-# Most specific first: a training state is also a detector file.
+# Most specific first: a training state is also a detector file. Segmenter files (checked before these, see
+# _keyed_kinds) hold a detector file's keys plus class_names, which a detector file never has.
 _KEYED_KINDS = (
     ("training_state", TRAINING_KEYS), ("detector", DETECTOR_KEYS),
     ("classifier_training_state", CLASSIFIER_TRAINING_KEYS), ("classifier", CLASSIFIER_KEYS),
 )
-_KIND_RUNTIMES = {"training_state": ("torch",), "detector": ("torch",), "onnx": _RUNTIMES_OF["onnx"], "torchscript": ("torchscript",)}
+_KIND_RUNTIMES = {"training_state": ("torch",), "detector": ("torch",), "segmenter_training_state": ("torch",), "segmenter": ("torch",),
+                  "onnx": _RUNTIMES_OF["onnx"], "torchscript": ("torchscript",)}
 _TORCHSCRIPT_METADATA = "extra/resfpn.json"
 # resfpn.nms of ONNX files whose NMS has no empty-result If (deploy.export); OpenVINO invents a row from that If.
 NMS_WITHOUT_BRANCH = "batched coordinate trick, no empty-result branch"
@@ -109,8 +116,15 @@ class FileInfo:
 
     @property
     def runtimes(self) -> tuple[str, ...]:
-        """The runtimes that run it as a detector (first: the default); empty for trunk weights and classifiers."""
+        """The runtimes that run it as a detector or segmenter (first: the default); empty for trunk weights and classifiers."""
         return _KIND_RUNTIMES.get(self.kind, ())
+
+
+def _keyed_kinds() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    # Imported here: segmentation's package imports albumentations, which tools that never see a segmenter need not pay for.
+    from segmentation.checkpoint import SEGMENTER_KEYS, SEGMENTER_TRAINING_KEYS
+
+    return (("segmenter_training_state", SEGMENTER_TRAINING_KEYS), ("segmenter", SEGMENTER_KEYS), *_KEYED_KINDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ def kind_of(obj: Any) -> str | None:
     if not isinstance(obj, Mapping):
         return None
     keys = set(obj)
-    for kind, required in _KEYED_KINDS:
+    for kind, required in _keyed_kinds():
         if keys.issuperset(required):
             return kind
     try:
@@ -179,13 +193,14 @@ def decode_metadata(props: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_exported_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``resfpn.*`` metadata of an exported detector (ONNX or TorchScript), checked to be one.
+    """The ``resfpn.*`` metadata of an exported detector or segmenter (ONNX or TorchScript), checked to be one.
 
     Args:
         path: a file from ``tools/export.py``.
 
     Returns:
-        ``{key without "resfpn.": decoded value}``, with at least ``outputs``.
+        ``{key without "resfpn.": decoded value}``, with at least ``outputs`` and ``task``
+        (``"detection"`` for detector files written before files said their task).
 
     Raises:
         FileFormatError: not an exported file, or one without resfpn's metadata.
@@ -197,9 +212,13 @@ def read_exported_metadata(path: str | os.PathLike) -> dict[str, Any]:
     meta = read_onnx_metadata(path) if container == "onnx" else None
     decoded = decode_metadata(meta) if meta is not None else _torchscript_metadata(path)
     outputs = decoded.get("outputs")
-    if not isinstance(outputs, list) or not {"boxes", "labels", "scores"} <= set(outputs):
+    task = decoded.get("task", "detection")
+    expected = {"detection": {"boxes", "labels", "scores"}, "segmentation": {"out"}}.get(task)
+    if not isinstance(outputs, list) or expected is None or not expected <= set(outputs):
         how = "tools/export.py --format torchscript" if container == "torchscript" else "tools/export.py"
-        raise FileFormatError(f"{path} is not a detector exported by resfpn (no resfpn.* metadata naming its outputs): export one with {how}")
+        raise FileFormatError(f"{path} is not a detector or segmenter exported by resfpn (no resfpn.* metadata naming its outputs): "
+                              f"export one with {how}")
+    decoded["task"] = task
     return decoded
 
 

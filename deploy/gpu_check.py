@@ -4,10 +4,12 @@ Runs each step as a subprocess with its own timeout, inside an overall budget (7
 minutes by default, so the whole check stays under 8); a step that fails or times out
 is recorded and the next one runs:
 
-  tests      pytest -m cuda tests/test_cuda.py
+  tests      pytest -m cuda tests/test_cuda.py tests/test_segmentation_training.py
   train      tools/train_det.py --backbone resnet18 --device cuda --amp --max-iters 300
              (the shapes recipe; evaluation only at the end)
   eval       tools/eval_coco.py on that run's model_final.pth, on CUDA
+  seg        tools/train_seg.py --config seg_shapes_semantic_fpn_r18 --device cuda --amp --max-iters 200
+             (the shapes segmentation recipe, semantic FPN R18; mIoU evaluated at the end)
   latency    Faster R-CNN R18 / R34 at 800x1333, random weights, fixed work (1000
              proposals, 100 detections): median latency of synchronised forwards after
              warm-up and peak memory (max_memory_allocated), eager fp32 and fp16 fast path
@@ -15,8 +17,8 @@ is recorded and the next one runs:
 
 Writes OUTPUT_DIR/summary.json and OUTPUT_DIR/summary.md (rewritten after every step, so
 an interrupted check still leaves what it did): pass/fail and seconds per step, the GPU,
-torch / CUDA / cuDNN versions, training images/s, AP, latency and memory, the benchmark
-rows. Each step's output is in OUTPUT_DIR/logs/STEP.log. Exit status: 0 when every step
+torch / CUDA / cuDNN versions, training images/s, AP, segmentation images/s and mIoU,
+latency and memory, the benchmark rows. Each step's output is in OUTPUT_DIR/logs/STEP.log. Exit status: 0 when every step
 passed, 1 otherwise, 2 without a CUDA device (nothing is run).
 """
 
@@ -54,9 +56,12 @@ MIN_TRAIN_AP = 1.0
 # The training's own final evaluation and eval_coco.py score the same file on the same data.
 MAX_AP_GAP = 0.5
 LATENCY_SIZE = (800, 1333)
+# The segmentation step: a short run of the shapes segmentation recipe, checked to learn (its loss falls), not to converge.
+SEG_RECIPE = "seg_shapes_semantic_fpn_r18"
+SEG_TRAIN_ITERS = 200
 # A step is not started with less time than this left of the budget.
 MIN_STEP_S = 15.0
-STEP_NAMES = ("tests", "train", "eval", "latency", "benchmark")
+STEP_NAMES = ("tests", "train", "eval", "seg", "latency", "benchmark")
 
 
 class CheckFailed(Exception):
@@ -141,6 +146,39 @@ def training_figures(run_dir: Path, iterations: int = TRAIN_ITERS) -> dict[str, 
     if figures["bbox_AP"] < MIN_TRAIN_AP:
         raise CheckFailed(f"bbox AP {figures['bbox_AP']:.2f} after {iterations} iterations, expected >= {MIN_TRAIN_AP} "
                           "(the CPU run of this recipe had 3.9 after 250)")
+    return figures
+
+
+def seg_training_figures(run_dir: Path, iterations: int = SEG_TRAIN_ITERS) -> dict[str, Any]:
+    """Speed, loss and mIoU of the segmentation run from its ``metrics.jsonl``; fails when it did not learn."""
+    import math
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    windows = [r for r in records if "images_per_s" in r]
+    if not windows:
+        raise CheckFailed(f"{run_dir / 'metrics.jsonl'} has no images_per_s records")
+    steady = windows[1:] or windows  # the first window holds CUDA start-up
+    evals = [r for r in records if isinstance(r.get("val/mIoU"), (int, float))]
+    figures = {
+        "iterations": windows[-1]["iter"],
+        "images_per_s": statistics.median(r["images_per_s"] for r in steady),
+        "images_per_s_first_window": windows[0]["images_per_s"],
+        "seconds_per_iter": _median_of(steady, "seconds_per_iter"),
+        "data_seconds_per_iter": _median_of(steady, "data_seconds_per_iter"),
+        "first_loss": windows[0].get("loss"),
+        "last_loss": windows[-1].get("loss"),
+        "mIoU": evals[-1]["val/mIoU"] if evals else None,
+        "pixel_acc": evals[-1].get("val/pixel_acc") if evals else None,
+    }
+    if figures["iterations"] != iterations:
+        raise CheckFailed(f"trained {figures['iterations']} iterations, expected {iterations}")
+    if not (run_dir / "model_final.pth").is_file():
+        raise CheckFailed(f"no {run_dir / 'model_final.pth'}")
+    if figures["mIoU"] is None:
+        raise CheckFailed("the run's final evaluation wrote no val/mIoU")
+    first, last = figures["first_loss"], figures["last_loss"]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (first, last)) or last >= first:
+        raise CheckFailed(f"the segmentation loss did not fall: {first} in the first logging window, {last} in the last")
     return figures
 
 
@@ -250,11 +288,12 @@ def measure_latency(path: Path, *, reps: int = 10, warmup: int = 3, size: tuple[
 def build_steps(out: Path, python: str = sys.executable) -> list[Step]:
     """The check's steps, writing under ``out``."""
     tests_dir, train_dir, eval_dir, bench_dir = out / "tests", out / "train", out / "eval", out / "bench"
+    seg_dir = out / "seg"
     latency = out / "latency.json"
     junit = tests_dir / "junit.xml"
     return [
-        Step("tests", "pytest -m cuda tests/test_cuda.py",
-             [python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", f"--junitxml={junit}"], 240,
+        Step("tests", "pytest -m cuda tests/test_cuda.py tests/test_segmentation_training.py",
+             [python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_segmentation_training.py", "-q", f"--junitxml={junit}"], 240,
              collect=lambda: pytest_results(junit), outputs=[tests_dir]),
         Step("train", f"shapes recipe, ResNet-18, --amp (fp16 + GradScaler), {TRAIN_ITERS} iterations",
              [python, "tools/train_det.py", "--backbone", "resnet18", "--device", "cuda", "--amp", "--max-iters", str(TRAIN_ITERS),
@@ -264,6 +303,10 @@ def build_steps(out: Path, python: str = sys.executable) -> list[Step]:
              [python, "tools/eval_coco.py", "--checkpoint", str(train_dir / "model_final.pth"), "--device", "cuda", "--no-progress",
               "--output-dir", str(eval_dir)], 120,
              collect=lambda: eval_figures(eval_dir, train_dir), requires=[train_dir / "model_final.pth"], outputs=[eval_dir]),
+        Step("seg", f"shapes segmentation recipe ({SEG_RECIPE}), --amp (fp16 + GradScaler), {SEG_TRAIN_ITERS} iterations",
+             [python, "tools/train_seg.py", "--config", SEG_RECIPE, "--device", "cuda", "--amp", "--max-iters", str(SEG_TRAIN_ITERS),
+              "--output-dir", str(seg_dir), "--no-progress", "--workers", str(TRAIN_WORKERS), "--set", "eval_period=0"], 150,
+             collect=lambda: seg_training_figures(seg_dir), outputs=[seg_dir]),
         Step("latency", f"Faster R-CNN R18/R34 at {LATENCY_SIZE[0]}x{LATENCY_SIZE[1]}: latency and peak memory",
              [python, str(Path(__file__).resolve()), "--measure-latency", str(latency)], 150,
              collect=lambda: latency_figures(latency), outputs=[latency]),
@@ -417,6 +460,18 @@ def format_summary(summary: dict[str, Any]) -> str:
             ]
         if evaluation:
             lines.append(f"- bbox AP from tools/eval_coco.py on model_final.pth: {_fmt(evaluation.get('bbox_AP'))}")
+
+    seg = by_name.get("seg", {}).get("figures") or {}
+    if seg:
+        lines += [
+            "", f"## Segmentation training: {SEG_RECIPE}, --amp, {SEG_TRAIN_ITERS} iterations", "",
+            f"- training speed: **{_fmt(seg.get('images_per_s'))} images/s** (median over the logging windows after the first; "
+            f"first window, with start-up: {_fmt(seg.get('images_per_s_first_window'))})",
+            f"- {_fmt(seg.get('seconds_per_iter'), 4)} s/iteration, of which waiting for data {_fmt(seg.get('data_seconds_per_iter'), 4)} s; "
+            f"loss {_fmt(seg.get('first_loss'), 3)} in the first logging window, {_fmt(seg.get('last_loss'), 3)} in the last",
+            f"- mIoU after {seg.get('iterations')} iterations (the run's own evaluation): {_fmt(seg.get('mIoU'))}, "
+            f"pixel accuracy {_fmt(seg.get('pixel_acc'))}",
+        ]
 
     latency = by_name.get("latency", {}).get("figures") or {}
     if latency.get("rows"):

@@ -116,7 +116,8 @@ def load_model(
                 raise ValueError(f"exported models run on the CPU here, got device {device!r}")
             from .runtime import load_exported
 
-            return load_exported(path, runtime=runtime)
+            return load_exported(path, runtime=runtime, task="detection")
+        _refuse_segmenter(path)
         model = load_detector(path, device=device)
     if fast:
         from .fast import optimize_for_inference
@@ -129,6 +130,17 @@ def load_model(
         model.category_mapping = None
     model.has_masks = has_masks(model)
     return model
+
+
+def _refuse_segmenter(path: Path) -> None:
+    """A segmenter file holds a detector file's keys (and class_names): say what it is rather than fail to rebuild it."""
+    from engine.files import CheckpointError, read_torch_file
+
+    from .files import kind_of
+
+    if kind_of(read_torch_file(path)) in ("segmenter", "segmenter_training_state"):
+        raise CheckpointError(f"{path} is a segmenter file (tools/train_seg.py), not a detector: score it with tools/eval_seg.py, "
+                              "draw it with tools/infer_seg.py")
 
 
 def _to_tensor(image: ImageInput) -> torch.Tensor:

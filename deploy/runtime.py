@@ -12,8 +12,16 @@ ONNX files run with ONNX Runtime (default) or OpenVINO; OpenVINO's CPU plugin wo
 run in bf16 on CPUs with AVX-512 bf16 unless told otherwise, so the precision is
 always set explicitly (``INFERENCE_PRECISION_HINT``) and named. TorchScript files
 (``tools/export.py --format torchscript``) run with ``torch.jit.load``.
+
+An exported segmenter (``deploy.segmenter``) loads, by the same call, as an
+``ExportedSegmenter``: called as the eager segmenter is, ``model(images)`` with an
+ImageNet-normalised float32 ``[N, 3, H, W]`` batch, it returns ``{"out": logits}``
+(``[N, num_classes, H, W]``), so ``segmentation.evaluation.evaluate_segmenter`` and
+``segmentation.SegmentationPredictor`` take it unchanged; it carries ``class_names``,
+``build_args`` and ``train_config`` from the file.
 """
 
+import functools
 import logging
 import os
 import warnings
@@ -23,12 +31,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from .files import EXPORTED_RUNTIMES, NMS_WITHOUT_BRANCH, FileFormatError, read_exported_metadata, resolve_runtime
+from .files import EXPORTED_RUNTIMES, NMS_WITHOUT_BRANCH, TASKS, FileFormatError, read_exported_metadata, resolve_runtime
 
-__all__ = ["EXPORTED_RUNTIMES", "ExportedDetector", "RuntimeUnavailableError", "load_exported"]
+__all__ = ["EXPORTED_RUNTIMES", "ExportedDetector", "ExportedSegmenter", "RuntimeUnavailableError", "load_exported"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,91 @@ class ExportedDetector:
         return f"ExportedDetector({str(self.path)!r}, runtime={self.runtime!r}, arch={self.metadata.get('arch')!r})"
 
 
+class ExportedSegmenter(nn.Module):
+    """An exported segmenter with the eager segmenter's call (CPU only): normalised batch in, ``{"out": logits}`` out.
+
+    Build it with ``load_exported``. It is an ``nn.Module`` without parameters, so code
+    written for the eager model (``model.to("cpu").eval()``, ``model(x)["out"]``) runs
+    it unchanged; the file itself takes pixels in [0, 1] and normalises inside, so the
+    normalisation the caller applied is undone here with the file's own mean and std.
+
+    Args:
+        run: a float32 ``[N, 3, H, W]`` array in [0, 1] -> ``[logits]``.
+        metadata: the file's ``resfpn.*`` metadata (decoded).
+        runtime: what runs it, e.g. ``"onnxruntime"``.
+        precision: what precision actually runs, e.g. ``"fp32"``, ``"int8"``, ``"bf16"``.
+        path: the file.
+
+    Attributes:
+        class_names: one name per label, from the file.
+        build_args: the segmenter's build arguments (``arch``, ``backbone``, ``num_classes``, ...).
+        train_config: the checkpoint's training config recorded in the file, or ``None``.
+        runtime: ``"<runtime> <precision>"``, e.g. ``"openvino int8"``.
+        precision: the precision part alone.
+        inference_precision: OpenVINO only: the compiled model's ``INFERENCE_PRECISION_HINT``.
+        metadata: everything the file records.
+    """
+
+    def __init__(
+        self, run: Callable[[np.ndarray], Sequence[np.ndarray]], *, metadata: Mapping[str, Any], runtime: str, precision: str,
+        path: "str | os.PathLike[str]",
+    ) -> None:
+        super().__init__()
+        self._run = run
+        self.metadata = dict(metadata)
+        self.build_args: dict[str, Any] = dict(self.metadata.get("build_args") or {})
+        self.class_names: list[str] = [str(n) for n in self.metadata.get("class_names") or []]
+        self.train_config: Optional[dict[str, Any]] = self.metadata.get("train_config")
+        normalize = self.metadata.get("normalize")
+        if not isinstance(normalize, Mapping) or len(normalize.get("mean", ())) != 3 or len(normalize.get("std", ())) != 3:
+            raise FileFormatError(f"{path} is an exported segmenter without its input normalisation (resfpn.normalize): export it again with tools/export.py")
+        self._mean = torch.tensor(normalize["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalize["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.precision = precision
+        self.inference_precision: Optional[str] = None
+        self.runtime = f"{runtime} {precision}"
+        self.path = Path(path)
+        self.training = False
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected an ImageNet-normalised float [N, 3, H, W] batch, as the eager segmenter takes, got {shape}")
+        if images.device.type != "cpu":
+            raise ValueError(f"exported segmenters run on the CPU; got a batch on {images.device}")
+        pixels = images.detach().to(torch.float32) * self._std + self._mean
+        logits = self._run(pixels.contiguous().numpy())[0]
+        return {"out": torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))}
+
+    def train(self, mode: bool = True) -> "ExportedSegmenter":
+        """``train(False)`` (and ``eval()``) is a no-op; an exported file cannot be trained."""
+        if mode:
+            raise ValueError(f"{self.path} is an exported inference file; train the PyTorch checkpoint instead")
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> "ExportedSegmenter":
+        """CPU only: returns self for ``"cpu"`` (or no device), raises for any other device."""
+        device = kwargs.get("device", args[0] if args else None)
+        if isinstance(device, (str, torch.device)) and torch.device(device).type != "cpu":
+            raise ValueError(f"{self.runtime} runs on the CPU; got device {str(device)!r} (use the PyTorch checkpoint on GPUs)")
+        return self
+
+    def cuda(self, device: Any = None) -> "ExportedSegmenter":
+        """Refused: an exported file runs on the CPU."""
+        raise ValueError(f"{self.runtime} runs on the CPU (use the PyTorch checkpoint on GPUs)")
+
+    def extra_repr(self) -> str:
+        return f"{str(self.path)!r}, runtime={self.runtime!r}, arch={self.build_args.get('arch')!r}"
+
+
+def _exported(run: Callable[[np.ndarray], Sequence[np.ndarray]], output_names: Sequence[str], *, metadata: Mapping[str, Any],
+              runtime: str, precision: str, path: Path) -> "ExportedDetector | ExportedSegmenter":
+    """The wrapper for the file's task."""
+    if metadata.get("task") == "segmentation":
+        return ExportedSegmenter(run, metadata=metadata, runtime=runtime, precision=precision, path=path)
+    return ExportedDetector(run, output_names, metadata=metadata, runtime=runtime, precision=precision, path=path)
+
+
 def _read(path: Path, reader: str, read: Callable[[], Any]) -> Any:
     """Run ``read()``, which hands ``path``'s bytes to a runtime; whatever it raises means they are not a model it runs."""
     try:
@@ -139,7 +232,7 @@ def _read(path: Path, reader: str, read: Callable[[], Any]) -> Any:
         raise FileFormatError(f"{reader} could not read {path} as an exported detector ({type(e).__name__}: {str(e)[:300]})") from None
 
 
-def _load_onnxruntime(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+def _load_onnxruntime(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> "ExportedDetector | ExportedSegmenter":
     ort = _import("onnxruntime", "onnxruntime")
     stored = meta.get("precision", "fp32")
     if precision not in (None, stored):
@@ -152,14 +245,27 @@ def _load_onnxruntime(path: Path, meta: dict[str, Any], precision: Optional[str]
     options.log_severity_level = 3
     session = _read(path, "ONNX Runtime", lambda: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     names = [o.name for o in session.get_outputs()]
-    return ExportedDetector(lambda x: session.run(None, {"image": x}), names, metadata=meta, runtime="onnxruntime", precision=stored, path=path)
+    input_name = session.get_inputs()[0].name  # "image" for detectors, "images" for segmenters
+    return _exported(lambda x: session.run(None, {input_name: x}), names, metadata=meta, runtime="onnxruntime", precision=stored, path=path)
 
 
 # OpenVINO's element types as this project names precisions.
 _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
-def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+@functools.lru_cache(maxsize=1)
+def _openvino_core() -> Any:
+    """One ``openvino.Core`` for the process, never freed before exit.
+
+    Each Core's CPU plugin installs its own alternate signal stack on the calling thread
+    and, when freed, puts back the one it found; two Cores freed in the order they were
+    made leave the thread pointing at an unmapped stack, and the next signal handled there
+    (Ctrl-C, a DataLoader's SIGCHLD handler) kills the process with SIGSEGV.
+    """
+    return _import("openvino", "openvino").Core()
+
+
+def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> "ExportedDetector | ExportedSegmenter":
     ov = _import("openvino", "openvino")
     precision = precision or "fp32"
     if precision not in _OPENVINO_PRECISIONS:
@@ -167,7 +273,7 @@ def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], n
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if num_threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(num_threads)
-    if meta.get("nms") != NMS_WITHOUT_BRANCH:
+    if meta.get("task") == "detection" and meta.get("nms") != NMS_WITHOUT_BRANCH:
         log.warning("%s was exported before its NMS was made safe for OpenVINO: on an image where the model finds nothing, "
                     "OpenVINO returns one invented detection; export it again with tools/export.py", path)
     core = ov.Core()
@@ -178,15 +284,15 @@ def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], n
     request = compiled.create_infer_request()
     outputs = list(compiled.outputs)
     names = [o.get_any_name() for o in outputs]
-    run = _openvino_run(request, outputs)
+    run = _openvino_run(request, compiled.inputs[0].get_any_name(), outputs)
     ran = _PRECISION_NAMES.get(inference_precision, inference_precision)
     label = f"int8+{ran}" if meta.get("precision") == "int8" and ran != "fp32" else ("int8" if meta.get("precision") == "int8" else ran)
-    exported = ExportedDetector(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
+    exported = _exported(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
     exported.inference_precision = inference_precision
     return exported
 
 
-def _load_torchscript(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> ExportedDetector:
+def _load_torchscript(path: Path, meta: dict[str, Any], precision: Optional[str], num_threads: Optional[int]) -> "ExportedDetector | ExportedSegmenter":
     if precision not in (None, "fp32"):
         raise ValueError(f"torchscript files run in fp32; got precision={precision!r}")
     if num_threads is not None:
@@ -203,20 +309,25 @@ def _load_torchscript(path: Path, meta: dict[str, Any], precision: Optional[str]
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
+            if meta["task"] == "segmentation":  # a DeployedSegmenter: pixels in, logits out
+                return [scripted(torch.from_numpy(x)).numpy()]
             _, detections = scripted([torch.from_numpy(x)])
         return [detections[0][n].numpy() for n in names]
 
-    return ExportedDetector(run, names, metadata=meta, runtime="torchscript", precision="fp32", path=path)
+    return _exported(run, names, metadata=meta, runtime="torchscript", precision="fp32", path=path)
 
 
-def _openvino_run(request: Any, outputs: Sequence[Any]) -> Callable[[np.ndarray], list[np.ndarray]]:
+def _openvino_run(request: Any, input_name: str, outputs: Sequence[Any]) -> Callable[[np.ndarray], list[np.ndarray]]:
     def run(x: np.ndarray) -> list[np.ndarray]:
-        result = request.infer({"image": x})
+        result = request.infer({input_name: x})
         return [np.array(result[o]) for o in outputs]
 
     return run
 
 
+_NOUNS = {"detection": "detector", "segmentation": "segmenter"}
+_TOOLS = {"detection": "score it with tools/eval_coco.py, draw with tools/infer.py",
+          "segmentation": "score it with tools/eval_seg.py (in Python: deploy.runtime.load_exported)"}
 _LOADERS = {"onnxruntime": _load_onnxruntime, "openvino": _load_openvino, "torchscript": _load_torchscript}
 
 
@@ -226,36 +337,47 @@ def load_exported(
     runtime: Optional[str] = None,
     precision: Optional[str] = None,
     num_threads: Optional[int] = None,
-) -> ExportedDetector:
-    """Load an exported detector behind a PyTorch detector's call.
+    task: Optional[str] = None,
+) -> "ExportedDetector | ExportedSegmenter":
+    """Load an exported detector behind a PyTorch detector's call, or an exported segmenter behind a segmenter's.
 
     Args:
         path: a file from ``tools/export.py``: ONNX (fp32 or int8) or TorchScript; what
-            it is comes from its bytes (``deploy.files``), not its name.
+            it is comes from its bytes (``deploy.files``), not its name; whether it is a
+            detector or a segmenter from its metadata.
         runtime: ``"onnxruntime"`` or ``"openvino"`` for ONNX files, ``"torchscript"``
             for TorchScript ones; default: ``onnxruntime`` for ONNX, ``torchscript`` for TorchScript.
         precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not
             int8. ONNX Runtime runs the file as written (fp32, or int8 convolutions).
         num_threads: intra-op threads (default: the runtime's own choice, all cores).
+        task: ``"detection"`` or ``"segmentation"`` to refuse a file of the other task
+            (``None``: either).
 
     Returns:
-        An ``ExportedDetector``: ``model(images) -> list of dicts``, with
-        ``category_mapping``, ``has_masks``, ``runtime`` and ``precision``.
+        An ``ExportedDetector`` (``model(images) -> list of dicts``, with
+        ``category_mapping``, ``has_masks``, ``runtime`` and ``precision``) or an
+        ``ExportedSegmenter`` (``model(batch) -> {"out": logits}``, with
+        ``class_names``, ``build_args``, ``runtime`` and ``precision``).
 
     Raises:
         FileNotFoundError: no such file.
-        FileFormatError: the bytes are not an exported detector (junk, truncated, a
-            checkpoint, an ONNX file without resfpn's metadata), whatever the runtime.
+        FileFormatError: the bytes are not an exported detector or segmenter (junk,
+            truncated, a checkpoint, an ONNX file without resfpn's metadata), whatever the
+            runtime, or the file is of the other ``task``.
         ValueError: a runtime or precision that does not run this file.
         RuntimeUnavailableError: the runtime is not installed.
     """
     path = Path(path)
     if runtime is not None and runtime not in EXPORTED_RUNTIMES:
         raise ValueError(f"runtime must be one of {list(EXPORTED_RUNTIMES)}, got {runtime!r}")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)} or None, got {task!r}")
     if not path.is_file():
         raise FileNotFoundError(f"exported model {path} not found (write one with tools/export.py)")
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
     meta = read_exported_metadata(path)  # FileFormatError for a checkpoint, junk, or a foreign ONNX file
+    if task is not None and meta["task"] != task:
+        raise FileFormatError(f"{path} is an exported {_NOUNS[meta['task']]} ({meta.get('arch')}), not a {_NOUNS[task]}: {_TOOLS[meta['task']]}")
     runtime = resolve_runtime(path, runtime)
     return _LOADERS[runtime](path, meta, precision, num_threads)

@@ -265,3 +265,114 @@ def test_trained_checkpoint_from_cuda_detects_the_same_on_cpu(overfit, tmp_path)
     assert considered >= 2 and matched == considered, f"{matched} of {considered} confident CUDA detections found on the CPU"
     matched, considered = _count_matches(on_cpu, on_cuda)
     assert considered >= 2 and matched == considered, f"{matched} of {considered} confident CPU detections found on CUDA"
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmenters (tests/test_segmentation_training.py has more, and make check-gpu runs it too)
+
+# (arch, depth, output stride): every head, both dilations of DeepLabV3, and ResNet-34 once.
+SEG_CASES = [("deeplabv3", 18, 8), ("deeplabv3", 18, 16), ("fcn", 18, 8), ("semantic_fpn", 18, 32), ("deeplabv3", 34, 16)]
+
+
+def _small_segmenter(arch: str, depth: int = 18, output_stride: int | None = None, **kwargs) -> nn.Module:
+    from segmentation import build_segmenter
+
+    return build_segmenter(arch, backbone=f"resnet{depth}", num_classes=5, output_stride=output_stride, head_channels=64, **kwargs)
+
+
+def _seg_train_steps(arch: str, depth: int, output_stride: int, device: torch.device, dtype: torch.dtype, *, steps: int = 2,
+                     channels_last: bool = False) -> None:
+    """Segmentation steps as the engine takes them: autocast, (fp16) GradScaler, unscale, clip, fused optimizer; aux loss on."""
+    from segmentation.training import SegmentationLoss
+
+    torch.manual_seed(depth)
+    model = _small_segmenter(arch, depth, output_stride, aux_loss=True).to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_model = SegmentationLoss(model).train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 96, 128, generator=g).to(device)
+    masks = torch.randint(0, 5, (2, 96, 128), generator=g)
+    masks[:, :6] = 255  # ignored rows, as VOC's borders
+    masks = masks.to(device)
+    fp16 = dtype == torch.float16
+    optimizer = build_optimizer(model, {"optimizer": "adamw" if fp16 else "sgd", "momentum": 0.9, "weight_decay": 1e-4}, 1e-3)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=fp16)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    layer4 = next(m for n, m in model.named_modules() if n.endswith("layer4"))
+    trunk_dtypes: list[torch.dtype] = []
+    hook = layer4.register_forward_hook(lambda mod, inp, out: trunk_dtypes.append(out.dtype))
+    norm = torch.tensor(float("nan"))
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=dtype):
+            terms = loss_model(images, masks)
+        assert set(terms) == {"loss_seg", "loss_aux"}, terms
+        loss = sum(v.float() for v in terms.values())
+        assert torch.isfinite(loss), {k: v.item() for k, v in terms.items()}
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        scaler.step(optimizer)
+        scaler.update()
+    hook.remove()
+    assert trunk_dtypes and set(trunk_dtypes) == {dtype}, f"trunk ran in {set(trunk_dtypes)}, expected {dtype} under autocast"
+    assert torch.isfinite(norm), f"the last step's unscaled gradient norm is {norm.item()} (step skipped by the scaler)"
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable.values())
+    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"the optimizer step left {len(unchanged)} parameters unchanged, e.g. {unchanged[:3]}"
+
+
+@pytest.mark.parametrize("arch, depth, output_stride", SEG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_segmenter_trains_under_autocast(arch, depth, output_stride, dtype):
+    _seg_train_steps(arch, depth, output_stride, CUDA, dtype)
+
+
+def test_segmenter_channels_last_fp16_trains_with_fused_adamw():
+    # The shapes segmentation recipe's settings (channels_last, amp) on CUDA.
+    _seg_train_steps("semantic_fpn", 18, 32, CUDA, torch.float16, channels_last=True)
+
+
+# Relative to the largest logit: pixels whose two best logits are further apart than this keep their label.
+# Measured with bf16 autocast on the CPU: logits move by at most 2 % of the largest; fp16 has 8x finer steps.
+_CLEAR_MARGIN = {torch.float16: 0.05, torch.bfloat16: 0.1}
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3", "fcn", "semantic_fpn"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_segmenter_inference_under_autocast_keeps_the_clear_pixels(arch, dtype):
+    torch.manual_seed(0)
+    model = random_statistics(_small_segmenter(arch)).eval()
+    x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)["out"]  # fp32 on the CPU
+        on_cuda = copy.deepcopy(model).to(CUDA)
+        with torch.autocast("cuda", dtype=dtype):
+            out = on_cuda(x.to(CUDA))["out"]
+    assert out.device.type == "cuda" and out.shape == ref.shape
+    out = out.float().cpu()
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > _CLEAR_MARGIN[dtype] * ref.abs().amax()
+    assert clear.float().mean() > 0.5, "the random model should have clear pixels"
+    assert torch.equal(out.argmax(1)[clear], ref.argmax(1)[clear]), f"{int((out.argmax(1) != ref.argmax(1))[clear].sum())} clear pixels changed label"
+
+
+def test_segmenter_on_cuda_exports_the_model_it_is(tmp_path):
+    """A segmenter trained on the GPU is exported as it is: the ONNX file (run on the CPU) gives the CPU model's logits."""
+    pytest.importorskip("onnxruntime")
+    from deploy.export import export_onnx
+    from deploy.runtime import load_exported
+
+    torch.manual_seed(0)
+    model = random_statistics(_small_segmenter("deeplabv3", output_stride=16, aux_loss=True)).eval().to(CUDA)
+    path = export_onnx(model, tmp_path / "seg.onnx", export_size=(64, 64))
+    assert all(p.device.type == "cuda" for p in model.parameters()), "export moved the model"
+    exported = load_exported(path)
+    x = torch.randn(1, 3, 72, 88, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = copy.deepcopy(model).cpu()(x)["out"]
+    torch.testing.assert_close(exported(x)["out"], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().amax()))

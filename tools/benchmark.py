@@ -3,6 +3,7 @@
     python tools/benchmark.py                    # full CPU run (about 30 minutes)
     python tools/benchmark.py --quick            # small sizes, a few minutes
     python tools/benchmark.py --only detector    # detectors only: eager, fast path, ONNX Runtime, OpenVINO, int8
+    python tools/benchmark.py --only seg         # segmenters at 520x520 beside torchvision's deeplabv3_resnet50
     python tools/benchmark.py --device cuda
 
 Writes ``benchmark.json`` and ``benchmark.png`` to ``--output-dir``.
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-from deploy.benchmark import bench_backbones, bench_coco_eval, bench_detectors, bench_training, format_table, plot
+from deploy.benchmark import bench_backbones, bench_coco_eval, bench_detectors, bench_segmenters, bench_training, format_table, plot
 from engine.cli import fail, run_tool
+
+
+STEPS = ("backbone", "detector", "seg", "train", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,11 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes and few repetitions (about a minute)")
     p.add_argument("--reps", type=int, help="timed repetitions per candidate (default 7, quick 3)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--size", type=int, default=320, help="--quick: shorter image side")
+    p.add_argument("--size", type=int, default=320, help="--quick: shorter image side (segmenters: the side of a square image)")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
-    p.add_argument("--only", nargs="+", choices=["backbone", "detector", "train", "eval"], default=["backbone", "detector", "train", "eval"])
+    p.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS),
+                   help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; train: detector steps; eval: COCOeval")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
-    p.add_argument("--no-export", action="store_true", help="skip the ONNX Runtime / OpenVINO rows (no export)")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX Runtime / OpenVINO rows of detectors and segmenters (no export)")
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = p.parse_args(argv)
     if args.reps is None:
@@ -58,7 +63,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     print(f"benchmark on {machine}")
     rows: list[dict] = []
     steps = {"backbone": lambda: bench_backbones(args, device, rows), "detector": lambda: bench_detectors(args, device, rows),
-             "train": lambda: bench_training(args, device, rows), "eval": lambda: bench_coco_eval(args, rows)}
+             "seg": lambda: bench_segmenters(args, device, rows), "train": lambda: bench_training(args, device, rows),
+             "eval": lambda: bench_coco_eval(args, rows)}
     for name in args.only:
         steps[name]()
         print(format_table(rows))

@@ -3,10 +3,14 @@
     python tools/eval_seg.py --checkpoint outputs/seg_shapes_semantic_fpn_r18/model_final.pth   # its validation data
     python tools/eval_seg.py --checkpoint model_final.pth --data-path /data/VOCdevkit/VOC2012 --split val
     torchrun --nproc_per_node=8 tools/eval_seg.py --checkpoint model_final.pth --data-path /data/coco
+    python tools/eval_seg.py --checkpoint seg.onnx --runtime openvino                 # the deployed file itself
+    python tools/eval_seg.py --checkpoint seg_int8.onnx                                # int8: ONNX Runtime
 
 One confusion matrix over the split (each process scores every N-th image; the matrices are
 summed over processes); pixels labelled 255 are not counted. Images are resized as in training
 (the checkpoint's val_resize) unless --resize says otherwise. --output-dir writes metrics.json.
+An exported file (tools/export.py; fp32 or int8) runs on the CPU with ONNX Runtime, OpenVINO or
+TorchScript and is scored on the data its metadata records, exactly as its checkpoint would be.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import os
 import sys
 from pathlib import Path
 
+from deploy.files import RUNTIMES
 from engine.cli import DEVICES, init_device, removed_on_failure, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from tools/train_seg.py")
+    p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from tools/train_seg.py, or an exported .onnx / .pt (tools/export.py)")
+    p.add_argument("--runtime", choices=list(RUNTIMES), help="default from the file's bytes: torch for checkpoints, onnxruntime for ONNX, torchscript for TorchScript")
     p.add_argument("--data-path", help="VOC or COCO-layout root; omitted: the data the checkpoint was trained on")
     p.add_argument("--data-format", choices=["auto", "coco", "voc"], default="auto", help="layout of --data-path (auto: by its folders)")
     p.add_argument("--split", help="split to score (default: the checkpoint's val_split, else val / the one *val* file)")
@@ -36,13 +42,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _load(args: argparse.Namespace) -> tuple:
+    """The model to score and its device: a segmenter checkpoint, or an exported segmenter on the CPU."""
+    from deploy.files import is_exported, resolve_runtime
+    from deploy.runtime import load_exported
+    from engine.config import ConfigError
+    from segmentation import load_segmenter
+
+    path = Path(args.checkpoint)
+    try:
+        if path.is_file():
+            resolve_runtime(path, args.runtime)  # a runtime that does not run the file: say so before anything
+        if not is_exported(path, args.runtime):
+            device = init_device(args.device)
+            return load_segmenter(path, device=device), device
+        if args.device == "cuda":
+            raise ConfigError("exported files run on the CPU (ONNX Runtime / OpenVINO / TorchScript); drop --device cuda or score the .pth checkpoint")
+        if args.amp:
+            raise ConfigError("--amp is for PyTorch checkpoints; an exported file runs in the precision it was written in (fp32 or int8)")
+        model = load_exported(path, runtime=args.runtime, task="segmentation")
+        return model, init_device("cpu")
+    except (ValueError, ImportError) as e:  # a runtime that does not run the file, or one not installed
+        raise ConfigError(str(e)) from None
+
+
 def work(args: argparse.Namespace) -> int:
     import torch
 
     from engine import distributed as dist_utils
     from engine.config import ConfigError
     from engine.files import atomic_write_text
-    from segmentation import load_segmenter
     from segmentation.evaluation import evaluate_segmenter
     from segmentation.training import evaluation_dataset
 
@@ -51,8 +80,8 @@ def work(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be an integer >= {low}, got {value}")
     if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise ConfigError(f"--output-dir {args.output_dir} is a file; pass a folder for metrics.json")
-    device = init_device(args.device)
-    model = load_segmenter(args.checkpoint, device=device)
+    model, device = _load(args)
+    runtime = getattr(model, "runtime", "torch")
     trained = model.train_config
     resize = (args.resize or None) if args.resize is not None else (trained or {}).get("val_resize")
     dataset, described = evaluation_dataset(trained, model.class_names, data_path=args.data_path, data_format=args.data_format,
@@ -62,13 +91,13 @@ def work(args: argparse.Namespace) -> int:
                             workers=args.workers, amp_dtype=amp_dtype, progress=not args.no_progress)
     if not dist_utils.is_main_process():
         return 0
-    print(f"{model.build_args['arch']}/{model.build_args['backbone']} from {args.checkpoint} on {described}: {cm.images} images"
+    print(f"{model.build_args['arch']}/{model.build_args['backbone']} from {args.checkpoint} ({runtime}) on {described}: {cm.images} images"
           f"{f', short side {resize}' if resize else ''}")
     print(cm)
     print(cm.table(model.class_names))
     if args.output_dir is not None:
         summary = cm.summary(model.class_names)
-        record = {"checkpoint": str(args.checkpoint), "data": described, "images": cm.images, "resize": resize, **summary}
+        record = {"checkpoint": str(args.checkpoint), "runtime": runtime, "data": described, "images": cm.images, "resize": resize, **summary}
         with removed_on_failure(args.output_dir) as out:
             atomic_write_text(out / "metrics.json", json.dumps(record, indent=2, ensure_ascii=False))
         print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
