@@ -276,7 +276,7 @@ def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], n
     if meta.get("task") == "detection" and meta.get("nms") != NMS_WITHOUT_BRANCH:
         log.warning("%s was exported before its NMS was made safe for OpenVINO: on an image where the model finds nothing, "
                     "OpenVINO returns one invented detection; export it again with tools/export.py", path)
-    core = ov.Core()
+    core = _openvino_core()
     compiled = _read(path, "OpenVINO", lambda: core.compile_model(core.read_model(str(path)), "CPU", config))
     # What the CPU plugin will actually run (it may differ from the hint, e.g. bf16 where the CPU lacks it).
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")

@@ -115,3 +115,40 @@ def test_openvino_runs_the_precision_it_names(exported, monkeypatch):
     assert bf16.inference_precision in ("bf16", "f32")
     assert bf16.precision == {"bf16": "bf16", "f32": "fp32"}[bf16.inference_precision]
     assert load_exported(onnx_path).inference_precision is None  # ONNX Runtime has no such property
+
+
+_TWO_OPENVINO_FILES = """
+import gc, signal, subprocess, sys
+from deploy.runtime import load_exported
+
+first = load_exported(sys.argv[1], runtime="openvino")
+second = load_exported(sys.argv[1], runtime="openvino", precision="bf16")
+del first
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # as a DataLoader with workers leaves it
+subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("exported", ["faster_rcnn"], indirect=True)  # the file's contents do not matter
+def test_two_openvino_files_dropped_in_order_leave_signals_working(exported, tmp_path):
+    """Two files loaded and freed first-in-first-out, then a signal handled: the process lives.
+
+    With one ``openvino.Core`` per file, each Core's CPU plugin swapped in its own alternate
+    signal stack and put back the one it found when freed, so this order left the main
+    thread on an unmapped stack and the child's SIGCHLD killed the process with SIGSEGV:
+    it killed the whole test run in CI. Run in a process of its own for that reason.
+    """
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "two_files.py"
+    script.write_text(_TWO_OPENVINO_FILES)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(script), str(exported[2])], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr[-2000:])
