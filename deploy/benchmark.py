@@ -215,7 +215,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
     low = "bfloat16"
     export_dir = Path(args.output_dir) / "exported"
     export_dir.mkdir(parents=True, exist_ok=True)
-    cases = [("faster_rcnn", d) for d in args.depths] + [("mask_rcnn", d) for d in args.depths]
+    cases = [(arch, d) for arch in args.archs for d in args.depths]
     for arch, depth in cases:
         candidates: dict[str, dict[str, Any]] = {
             "torchvision": {"kind": "torchvision"},
@@ -233,7 +233,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
         for name, spec in candidates.items():
             full = {**spec, "arch": arch, "depth": depth, "size": list(size), "image": list(image), "threads": torch.get_num_threads(),
                     "reps": args.reps, "warmup": args.warmup}
-            results[name] = run_in_own_process(time_candidate, full)
+            results[name] = run_in_own_process(time_candidate, full, in_process=args.in_process)
             logger.info("%s R%d %s: %s", arch, depth, name, results[name])
         ref = results["torchvision"]["seconds"]
         for name, r in results.items():
@@ -248,7 +248,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
 def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
     image = [torch.rand(3, size[0], int(size[0] * 1.52), device=device)]
-    for arch in ("faster_rcnn", "mask_rcnn"):
+    for arch in args.archs:
         for depth in args.depths:
             models = _detector_pairs(arch, depth, size)
             models["ours fast fp32"] = optimize_for_inference(models["ours"])
@@ -371,7 +371,7 @@ def bench_segmenters(args: argparse.Namespace, device: torch.device, rows: list[
     results = {}
     for name, spec in candidates.items():
         full = {**spec, "name": name, "size": [side, side], "threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup}
-        results[name] = run_in_own_process(time_segmenter, full)
+        results[name] = run_in_own_process(time_segmenter, full, in_process=args.in_process)
         logger.info("segmenter %s: %s", name, results[name])
     if "error" in results[SEG_REFERENCE]:
         raise RuntimeError(f"the reference {SEG_REFERENCE} failed: {results[SEG_REFERENCE]['error']}")

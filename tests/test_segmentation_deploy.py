@@ -9,7 +9,6 @@ Tiny models at 64-100 px; every export here is done once.
 
 import importlib.util
 import json
-import queue
 import re
 import sys
 from pathlib import Path
@@ -277,20 +276,14 @@ def test_files_tell_segmenters_from_detectors(deployed):
 def test_seg_benchmark_rows_at_the_smallest_size(tmp_path, monkeypatch):
     from deploy import benchmark
 
-    # Each candidate is timed in this process (one spawned process per candidate costs ~5 s of imports; the spawned
-    # path itself is tests/test_benchmark.py's).
-    def in_this_process(target, spec):
-        results = queue.Queue()
-        target(spec, results)
-        return results.get_nowait()
-
-    monkeypatch.setattr(benchmark, "run_in_own_process", in_this_process)
     # One exported model (the full run also exports Semantic FPN R18): the rows are made the same way for each.
     assert ("deeplabv3", 18, 8) in benchmark._SEG_EXPORTED
     monkeypatch.setattr(benchmark, "_SEG_EXPORTED", (("deeplabv3", 18, 8),))
     tool = _tool("benchmark")
+    # --in-process: each candidate timed here, not in a spawned process (~5 s of imports each; the spawned path
+    # itself is tests/test_benchmark.py's).
     assert tool.main(["--only", "seg", "--quick", "--size", "32", "--depths", "18", "--reps", "1", "--warmup", "0",
-                      "--output-dir", str(tmp_path)]) == 0
+                      "--in-process", "--output-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
     assert {r["group"] for r in rows} == {"segmenter inference"} and {r["case"] for r in rows} == {"1x32x32, 21 classes"}
     candidates = {r["candidate"]: r for r in rows}

@@ -34,8 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--size", type=int, default=320, help="--quick: shorter image side (segmenters: the side of a square image)")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
+    p.add_argument("--archs", nargs="+", default=["faster_rcnn", "mask_rcnn"], choices=["faster_rcnn", "mask_rcnn"],
+                   help="detectors timed by the detector step")
     p.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS),
                    help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; train: detector steps; eval: COCOeval")
+    p.add_argument("--in-process", action="store_true",
+                   help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
+                        "(candidates share the allocator and thread pools, so do not compare them this way)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX Runtime / OpenVINO rows of detectors and segmenters (no export)")
     p.add_argument("--output-dir", default="outputs/benchmark")
