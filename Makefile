@@ -36,10 +36,11 @@ pretrain-demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/benchmark.py
 
-# The docs pages first (seconds; --strict fails on a broken link or anchor), then the test suite.
+# The docs pages first (seconds; --strict fails on a broken link or anchor), then the test suite, one pytest-xdist
+# worker per core (at most 4; each takes its share of torch's threads, tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet -d site
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 # Needs one CUDA GPU: the CUDA tests, a 300-iteration CUDA training + evaluation, latency/memory, the CUDA benchmark;
 # under 8 minutes; summary in outputs/check_gpu/summary.md (tools/check_gpu.py). Without a GPU: an error, exit 2.
