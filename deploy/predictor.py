@@ -8,10 +8,15 @@ model, so users never map labels back by hand.
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -28,6 +33,9 @@ __all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_mod
 EXPORTED_SUFFIXES = (".onnx",)
 
 ImageInput = Union[str, os.PathLike, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -79,6 +87,7 @@ def load_model(
     device: str | torch.device = "cpu",
     fast: bool = False,
     dtype: torch.dtype | None = None,
+    precision: str | None = None,
 ) -> Any:
     """Load a detector from a checkpoint or an exported file, ready to call like a torchvision detector.
 
@@ -92,6 +101,8 @@ def load_model(
         device: where a PyTorch model runs (exported files run on the CPU).
         fast: PyTorch only: ``deploy.fast.optimize_for_inference``.
         dtype: with ``fast``, the trunk's reduced precision (``torch.bfloat16``, ...).
+        precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not int8
+            (``deploy.runtime.load_exported``).
 
     Returns:
         A callable taking a list of CHW float images in [0, 1] and returning torchvision
@@ -100,8 +111,12 @@ def load_model(
     Raises:
         FileNotFoundError: no such file.
         FileFormatError: its bytes are no model file (junk, truncated, ...); names the file.
-        ValueError: a runtime that does not run this file, or a GPU for an exported file.
+        ValueError: a runtime that does not run this file, a GPU for an exported file, or a
+            ``precision`` for a model that is not run by OpenVINO.
     """
+    if precision is not None and (isinstance(source, nn.Module) or runtime != "openvino"):
+        raise ValueError(f"precision={precision!r} is for exported files run with runtime='openvino'; "
+                         "a PyTorch model takes fast=True with a dtype instead")
     if isinstance(source, nn.Module):
         model: Any = source.to(device).eval()
     else:
@@ -116,7 +131,7 @@ def load_model(
                 raise ValueError(f"exported models run on the CPU here, got device {device!r}")
             from .runtime import load_exported
 
-            return load_exported(path, runtime=runtime, task="detection")
+            return load_exported(path, runtime=runtime, precision=precision, task="detection")
         _refuse_segmenter(path)
         model = load_detector(path, device=device)
     if fast:
@@ -178,6 +193,7 @@ class Predictor:
         mask_threshold: mask probability that counts as inside the object.
         fast: PyTorch only: the fast inference path (BN folding, channels-last).
         dtype: with ``fast``, the trunk's reduced precision.
+        precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"``.
     """
 
     def __init__(
@@ -190,6 +206,7 @@ class Predictor:
         mask_threshold: float = 0.5,
         fast: bool = False,
         dtype: torch.dtype | None = None,
+        precision: str | None = None,
     ) -> None:
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
@@ -197,12 +214,13 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
         self.device = torch.device(device)
-        self.model = load_model(model, runtime=runtime, device=self.device, fast=fast, dtype=dtype)
+        self.model = load_model(model, runtime=runtime, device=self.device, fast=fast, dtype=dtype, precision=precision)
         self.score_thresh = score_thresh
         self.mask_threshold = mask_threshold
         mapping = self.model.category_mapping or {}
         self.class_names: list[str] = ["__background__"] + [str(n) for n in mapping.get("names", [])]
         self.category_ids: list[int] | None = [int(c) for c in mapping["cat_ids"]] if mapping.get("cat_ids") else None
+        self._openvino_streaming_models: dict[int, Any] = {}  # stream(streams=N): the file compiled again, once per N
 
     @property
     def category_mapping(self) -> dict[str, list[Any]] | None:
@@ -246,6 +264,117 @@ class Predictor:
         results = [self._convert(out, tuple(img.shape[-2:])) for out, img in zip(outputs, batch)]
         return results[0] if single else results
 
+    def stream(
+        self, frames: Iterable[ImageInput], *, requests: int = 1, streams: int | None = None, prefetch: int = 2,
+    ) -> Iterator[Prediction]:
+        """Detect objects in a sequence of images, one :class:`Prediction` per image, in their order, lazily.
+
+        A generator: it reads ``frames`` as it goes (at most ``prefetch + requests`` images
+        ahead of what it has yielded), so a camera or an endless iterator works. When
+        ``frames`` raises, the predictions of the images before are yielded first, then the
+        error is raised.
+
+        >>> for prediction in predictor.stream(camera_frames()):   # H x W x 3 uint8 RGB arrays
+        ...     print(prediction.names)
+
+        Args:
+            frames: any iterable of images, each as :meth:`__call__` takes one (a path, a
+                PIL image, an H x W x 3 uint8 RGB array or a CHW float tensor).
+            requests: OpenVINO only: inference requests kept in flight at once (1: one at a
+                time, synchronous); their results are yielded in input order. Other runtimes
+                run one image at a time and take only 1.
+            streams: OpenVINO only: compile the file again for this stream with this many CPU
+                streams (``NUM_STREAMS``, throughput hint) so that requests run side by side;
+                ``None`` keeps the model as loaded (one stream, latency hint: requests queue,
+                and only the decoding and drawing around them overlap).
+            prefetch: images read and converted by a background thread ahead of the model
+                (0: in the caller's thread), so decoding overlaps inference.
+
+        Yields:
+            A :class:`Prediction` per image.
+
+        Raises:
+            ValueError: ``requests`` or ``streams`` out of range or for a model not run by OpenVINO.
+        """
+        if not isinstance(requests, int) or requests < 1:
+            raise ValueError(f"requests must be a positive integer, got {requests!r}")
+        if streams is not None and (not isinstance(streams, int) or streams < 1):
+            raise ValueError(f"streams must be a positive integer or None, got {streams!r}")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+        compiled = getattr(self.model, "openvino_model", None)
+        if (requests > 1 or streams is not None) and compiled is None:
+            runtime = getattr(self.model, "runtime", "torch")
+            raise ValueError(f"requests and streams are for exported files run by OpenVINO; this model runs on {runtime}: leave them at 1 and None")
+        return self._stream(frames, requests=requests, streams=streams, prefetch=prefetch)
+
+    def _stream(self, frames: Iterable[ImageInput], *, requests: int, streams: int | None, prefetch: int) -> Iterator[Prediction]:
+        # A generator apart from stream(), so that stream() checks its arguments when called, not at the first next().
+        images = (_to_tensor(frame) for frame in frames)
+        tensors = _background(images, prefetch) if prefetch else images
+        try:
+            if requests == 1 and streams is None:
+                for image in tensors:
+                    yield self._convert(self.predict_tensors([image])[0], tuple(image.shape[-2:]))
+            else:
+                yield from self._stream_openvino(tensors, requests, streams)
+        finally:
+            close = getattr(tensors, "close", None)
+            if close is not None:
+                close()
+
+    def _stream_openvino(self, images: Iterator[torch.Tensor], requests: int, streams: int | None) -> Iterator[Prediction]:
+        """Up to ``requests`` OpenVINO inferences in flight; results collected oldest first, so in input order."""
+        model = self.model
+        compiled = model.openvino_model if streams is None else self._openvino_streaming(streams)
+        input_name = compiled.inputs[0].get_any_name()
+        outputs = list(compiled.outputs)
+        idle = collections.deque(compiled.create_infer_request() for _ in range(requests))
+        in_flight: collections.deque[tuple[Any, tuple[int, int]]] = collections.deque()
+
+        def collect() -> Prediction:
+            request, size = in_flight[0]
+            request.wait()
+            # Copies: the request's output memory is reused by its next inference.
+            arrays = [np.array(request.get_tensor(output).data) for output in outputs]
+            in_flight.popleft()
+            idle.append(request)
+            return self._convert(model._result(arrays, size), size)
+
+        try:
+            while True:
+                try:
+                    image = next(images)
+                except StopIteration:
+                    break
+                except Exception:
+                    while in_flight:  # what came before the failing image is still answered, in order
+                        yield collect()
+                    raise
+                if not idle:
+                    yield collect()
+                request = idle.popleft()
+                request.start_async({input_name: model._array(image)})  # copies the input (share_inputs=False)
+                in_flight.append((request, tuple(image.shape[-2:])))
+            while in_flight:
+                yield collect()
+        finally:
+            for request, _ in in_flight:  # closed early: let the runtime finish with the requests before they go
+                request.wait()
+
+    def _openvino_streaming(self, streams: int) -> Any:
+        """The OpenVINO file compiled again with ``streams`` CPU streams (kept for later streams)."""
+        cache = self._openvino_streaming_models
+        if streams not in cache:
+            from .runtime import _openvino_core
+
+            core = _openvino_core()
+            config = {**self.model.openvino_config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)}
+            cache[streams] = core.compile_model(core.read_model(str(self.model.path)), "CPU", config)
+            log.info("%s compiled with %d CPU streams (%s requests in flight is what keeps them busy)", self.model.path, streams,
+                     cache[streams].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        return cache[streams]
+
     def _convert(self, out: dict[str, torch.Tensor], size: tuple[int, int]) -> Prediction:
         keep = out["scores"].detach().cpu() >= self.score_thresh
         raw = {k: v.detach().cpu() for k, v in out.items()}
@@ -257,3 +386,52 @@ class Predictor:
             labels=labels, names=[self.name(int(label)) for label in labels], category_ids=cat_ids, masks=masks,
             image_size=(int(size[0]), int(size[1])), raw=raw,
         )
+
+
+def _background(items: Iterable[_T], size: int, *, join_timeout: float = 10.0) -> Iterator[_T]:
+    """``items`` in order, produced by a daemon thread at most ``size`` ahead of the consumer.
+
+    An exception raised by ``items`` is raised here in its place. Closing this generator
+    stops the thread (and waits up to ``join_timeout`` seconds for the item it is producing).
+
+    Args:
+        items: any iterable; iterated in the background thread only.
+        size: how many produced items may wait for the consumer.
+        join_timeout: seconds to wait for the thread when closed early.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="resfpn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(join_timeout)
+        if thread.is_alive():
+            log.warning("the thread reading the images did not stop within %.0f s; left running in the background", join_timeout)

@@ -79,6 +79,9 @@ class ExportedDetector:
         inference_precision: OpenVINO only: the compiled model's own
             ``INFERENCE_PRECISION_HINT`` read back (``"f32"``, ``"bf16"``), what its CPU
             plugin really runs; ``None`` for the other runtimes.
+        openvino_model: OpenVINO only: the compiled model (``Predictor.stream`` makes several
+            inference requests on it); ``None`` for the other runtimes.
+        openvino_config: OpenVINO only: the properties it was compiled with.
         metadata: everything the file records (``deploy.files.read_exported_metadata``).
     """
 
@@ -94,6 +97,8 @@ class ExportedDetector:
         self.has_masks = "masks" in self.output_names or "mask_probs" in self.output_names
         self.precision = precision
         self.inference_precision: Optional[str] = None
+        self.openvino_model: Any = None
+        self.openvino_config: Optional[dict[str, Any]] = None
         self.runtime = f"{runtime} {precision}"
         self.path = Path(path)
         self.training = False
@@ -101,21 +106,25 @@ class ExportedDetector:
     def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         if isinstance(images, Tensor):
             raise TypeError(f"expected a list of [3, H, W] image tensors, got one tensor of shape {tuple(images.shape)}")
-        results = []
-        for image in images:
-            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-                raise ValueError(f"expected float32 [3, H, W] RGB images in [0, 1], got {shape}")
-            if image.device.type != "cpu":
-                raise ValueError(f"exported detectors run on the CPU; got an image on {image.device}")
-            array = image.detach().to(torch.float32).contiguous().numpy()
-            outputs = self._run(array)
-            result = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)}
-            result["labels"] = result["labels"].to(torch.int64)
-            if "mask_probs" in result:
-                result["masks"] = paste_masks_in_image(result.pop("mask_probs"), result["boxes"], tuple(image.shape[-2:]), padding=1)
-            results.append(result)
-        return results
+        return [self._result(self._run(self._array(image)), tuple(image.shape[-2:])) for image in images]
+
+    # The two halves of a call, apart so that deploy.predictor can keep several OpenVINO requests in flight between them.
+    def _array(self, image: Tensor) -> np.ndarray:
+        """``image`` checked, as the float32 ``[3, H, W]`` array the file takes."""
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"expected float32 [3, H, W] RGB images in [0, 1], got {shape}")
+        if image.device.type != "cpu":
+            raise ValueError(f"exported detectors run on the CPU; got an image on {image.device}")
+        return image.detach().to(torch.float32).contiguous().numpy()
+
+    def _result(self, outputs: Sequence[np.ndarray], size: tuple[int, int]) -> dict[str, Tensor]:
+        """The file's outputs for an image of ``size`` (height, width) as the PyTorch model's dict."""
+        result = {name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)}
+        result["labels"] = result["labels"].to(torch.int64)
+        if "mask_probs" in result:
+            result["masks"] = paste_masks_in_image(result.pop("mask_probs"), result["boxes"], size, padding=1)
+        return result
 
     forward = __call__
 
@@ -289,6 +298,8 @@ def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], n
     label = f"int8+{ran}" if meta.get("precision") == "int8" and ran != "fp32" else ("int8" if meta.get("precision") == "int8" else ran)
     exported = _exported(run, names, metadata=meta, runtime="openvino", precision=label, path=path)
     exported.inference_precision = inference_precision
+    if isinstance(exported, ExportedDetector):
+        exported.openvino_model, exported.openvino_config = compiled, dict(config)
     return exported
 
 

@@ -1,8 +1,18 @@
-"""Run a trained detector on images and draw what it sees.
+"""Run a trained detector on images, videos, cameras or streams and draw what it sees.
 
     python tools/infer.py --checkpoint outputs/run/model_final.pth --input photo.jpg --output vis/
     python tools/infer.py --checkpoint model_final.pth --input images/ --output vis/ --score-thresh 0.3
     python tools/infer.py --checkpoint model.onnx --input images/ --output vis/          # ONNX Runtime
+    python tools/infer.py --checkpoint model_final.pth --input clip.mp4 --output vis/    # a video file
+    python tools/infer.py --checkpoint model.onnx --runtime openvino --input 0 --output vis/ --requests 2   # camera 0
+    python tools/infer.py --checkpoint model_final.pth --input rtsp://cam.local/stream --output vis/ --max-frames 900
+    python tools/infer.py --checkpoint model_final.pth --input frames/ --frames --output vis/ --fps 25
+
+Videos, cameras, stream URLs and (with --frames) folders of frames give ``annotated.mp4`` (the
+source's size and frame rate, --fps where it has none) and ``detections.jsonl`` (a line per
+frame: ``frame``, ``time`` in seconds, ``detections``); a frame that cannot be decoded is
+skipped and counted; a live source that drops is reopened --reconnect times. Ctrl-C stops
+after the current frame with both files whole (exit 130). See docs/video.md.
 
 Writes one PNG per input, named after the whole file name (``a.jpg`` -> ``a.jpg.png``, so
 ``a.jpg`` and ``a.png`` never overwrite each other), and detections.json. A folder is walked
@@ -21,18 +31,32 @@ from pathlib import Path
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from deploy.files import RUNTIMES, is_exported
 from deploy.inputs import check_output_folder, image_files
+from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
+
+VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
     p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
-    p.add_argument("--input", required=True, help="an image file or a folder of images, subfolders included (any format PIL reads)")
-    p.add_argument("--output", required=True, help="folder for the PNGs and detections.json (made when there is something to write)")
+    p.add_argument("--input", required=True, help="an image file or a folder of images, subfolders included (any format PIL reads); "
+                   "a video file; a camera index (0); a stream URL (rtsp://, http(s)://); a folder of frames with --frames")
+    p.add_argument("--output", required=True, help="folder for the PNGs and detections.json, or for annotated.mp4 and "
+                   "detections.jsonl (made when there is something to write)")
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--device", choices=list(DEVICES), default="auto")
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="--runtime openvino: what is not int8 runs in this precision (default fp32)")
+    video = p.add_argument_group("videos, cameras, streams and frame folders")
+    video.add_argument("--frames", action="store_true", help="read the --input folder's images as the frames of one video (natural name order)")
+    video.add_argument("--fps", type=float, help=f"frame rate of annotated.mp4 where the source has none (frame folders, some cameras); default {DEFAULT_FPS:g}")
+    video.add_argument("--max-frames", type=int, help="stop after this many frames (a camera or a stream never ends)")
+    video.add_argument("--reconnect", type=int, help="a camera or live stream that stops delivering frames is reopened this many times, 1 s apart, "
+                       "before the run ends (default 3)")
+    video.add_argument("--requests", type=int, help="--runtime openvino: inference requests in flight (default 1: one at a time)")
+    video.add_argument("--streams", type=int, help="--runtime openvino: compile with this many CPU streams so requests run side by side")
     return p.parse_args(argv)
 
 
@@ -42,27 +66,89 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from engine.config import resolve_device
-    from engine.files import atomic_write_text
-    from engine.images import image_to_tensor, read_image_rgb
-    from deploy.predictor import Predictor
-    from detection.visualize import draw_detections
-    from engine.plots import save_image
-
     out_dir = Path(args.output)
+    source = None
     try:
         if not 0.0 <= args.score_thresh <= 1.0:
             raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
         check_output_folder(out_dir, what="--output")
-        paths, left_out = image_files(Path(args.input), out_dir, what="--input")
-        exported = is_exported(args.checkpoint, args.runtime)
-        if exported and args.device == "cuda":
-            raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
-        device = "cpu" if exported else resolve_device(args.device)
-        predictor = Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
-                              fast=args.fast, dtype=parse_dtype(args.dtype))
+        kind = input_kind(args.input, frames=args.frames)
+        _check_video_flags(args, video=kind != "images")
+        if kind == "images":
+            paths, left_out = image_files(Path(args.input), out_dir, what="--input")
+        else:
+            source = _open_video(args, kind, out_dir)
+        predictor = _predictor(args)
     except (*USER_ERRORS, ValueError, ImportError) as e:
+        if source is not None:
+            source.close()
         return fail(e)
+    if source is not None:
+        return _video(args, predictor, source, out_dir)
+    return _images(args, predictor, paths, left_out, out_dir)
+
+
+def _check_video_flags(args: argparse.Namespace, *, video: bool) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in VIDEO_FLAGS if getattr(args, name) is not None]
+    if given and not video:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for videos, cameras, streams and --frames folders; "
+                         f"--input {args.input} is read as images")
+    for name, low in (("fps", 0.0), ("max_frames", 1), ("reconnect", 0), ("requests", 1), ("streams", 1)):
+        value = getattr(args, name)
+        if value is not None and (value < low or (name == "fps" and value == 0)):
+            bound = "> 0" if name == "fps" else f">= {low}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+    if ((args.requests or 1) > 1 or args.streams) and args.runtime != "openvino":
+        raise ValueError("--requests and --streams are for --runtime openvino (an exported .onnx file); other runtimes run one frame at a time")
+    if args.precision is not None and args.runtime != "openvino":
+        raise ValueError("--precision is for --runtime openvino; a PyTorch checkpoint takes --fast --dtype instead")
+
+
+def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
+    from deploy.video import open_frame_folder, open_source
+
+    if kind == "frames":
+        return open_frame_folder(Path(args.input), what="--input", fps=args.fps or DEFAULT_FPS, exclude=out_dir)
+    if kind == "video" and Path(args.input).resolve() == (out_dir / VIDEO_NAME).resolve():
+        raise ValueError(f"--output {out_dir} would overwrite the input {args.input} with the annotated video: pick another folder")
+    return open_source(args.input, what="--input", reconnect=3 if args.reconnect is None else args.reconnect)
+
+
+def _predictor(args: argparse.Namespace):
+    from engine.config import resolve_device
+    from deploy.predictor import Predictor
+
+    exported = is_exported(args.checkpoint, args.runtime)
+    if exported and args.device == "cuda":
+        raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
+    device = "cpu" if exported else resolve_device(args.device)
+    return Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
+                     fast=args.fast, dtype=parse_dtype(args.dtype), precision=args.precision)
+
+
+def _video(args: argparse.Namespace, predictor, source, out_dir: Path) -> int:
+    import threading
+
+    from deploy.video import annotate_video, stop_on_sigint
+
+    stop = threading.Event()
+    with stop_on_sigint(stop):
+        run = annotate_video(predictor, source, out_dir, fps=args.fps or DEFAULT_FPS, requests=args.requests or 1,
+                             streams=args.streams, max_frames=args.max_frames, stop=stop)
+    wrote = f"{run.video.name} and {run.detections.name}" if run.video else f"{run.detections.name} (no frame, so no video)"
+    if run.interrupted:
+        print(f"interrupted after {run.frames} frames: {wrote} in {out_dir} are complete up to there", file=sys.stderr)
+        return 130
+    print(f"wrote {run.frames} frames to {out_dir}: {wrote}" + (f" ({run.skipped} skipped)" if run.skipped else ""))
+    return 0
+
+
+def _images(args: argparse.Namespace, predictor, paths: list[tuple[Path, str]], left_out: list[str], out_dir: Path) -> int:
+    from engine.files import atomic_write_text
+    from engine.images import image_to_tensor, read_image_rgb
+    from detection.visualize import draw_detections
+    from engine.plots import save_image
+
     if left_out:
         shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
         print(f"{args.input}: {len(paths)} images; left out {len(left_out)} entries that are not images by their "
