@@ -15,6 +15,9 @@ computed in float64 as eager PyTorch computes it (torchvision's traced path uses
 float32, which resizes some sizes one pixel differently). The file's ``metadata_props``
 carry what a runtime needs: class names, the data set's category ids, the input
 convention, the architecture and the size it was traced at (``read_metadata``).
+A Faster/Mask R-CNN file runs with the test-time proposal counts and the cap on
+candidates entering the box NMS (``detection.postprocess``) of the model it was exported
+from: they are baked in, and recorded in the metadata (``test_options``).
 
 Export uses torch's TorchScript-based exporter (``dynamo=False``): the dynamo exporter
 does not handle torchvision's detectors. Opset 16 or newer is required: its
@@ -41,6 +44,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .files import NMS_WITHOUT_BRANCH, FileFormatError, decode_metadata, publish, read_onnx_metadata, temporary_folder
 from detection.models import has_masks as _predicts_masks
+from detection.postprocess import check_test_options, read_test_options, set_test_options
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -242,6 +246,8 @@ def _metadata(model: nn.Module, *, has_masks: bool, opset: int, export_size: tup
         "resfpn.opset": str(opset),
         "resfpn.precision": "fp32",
         "resfpn.build_args": json.dumps(build_args, default=str),
+        # What the file runs with, baked in at export (set_test_options may have changed them since the build).
+        "resfpn.test_options": json.dumps(read_test_options(model)),
         # The checkpoint's training config (data path and splits): evaluation finds the validation split by it.
         "resfpn.train_config": json.dumps(getattr(model, "train_config", None), default=str),
         "resfpn.exporter": f"torch {torch.__version__}, torchvision {torchvision.__version__}, TorchScript-based exporter",
@@ -639,6 +645,7 @@ def export_checkpoint(
     data_path: "Optional[str | os.PathLike[str]]" = None,
     int8_method: str = "onnxruntime",
     export_size: Optional[tuple[int, int]] = None,
+    test_options: Optional[Mapping[str, int]] = None,
 ) -> Path:
     """Export a training checkpoint, detector or segmenter (its content decides): what ``tools/export.py`` does.
 
@@ -653,12 +660,18 @@ def export_checkpoint(
             layout for detectors, VOC or COCO layout for segmenters.
         int8_method: ``"onnxruntime"`` or ``"nncf"`` (see ``quantize_onnx``).
         export_size: ``(height, width)`` traced (see ``export_onnx``).
+        test_options: Faster/Mask R-CNN: test-time proposal counts and candidate cap
+            to bake into the file (``detection.postprocess.set_test_options``), e.g.
+            ``{"rpn_post_nms_top_n_test": 300}``; default the checkpoint's.
 
     Returns:
         The output path.
     """
     check_export_args(format=format, opset=opset, int8=int8, calib_images=calib_images, int8_method=int8_method)
+    test_options = check_test_options(test_options or {})
     model, config = load_checkpoint_for_export(checkpoint)
+    if test_options:
+        set_test_options(model, test_options)
     if format == "torchscript":
         return export_torchscript(model, output)
     if not int8:

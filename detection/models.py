@@ -26,6 +26,7 @@ from backbones.resnet import BACKBONES, NORMS
 from backbones.weights import Source
 
 from .ops import MultiScaleRoIAlign  # torchvision's pooler with a faster CPU RoIAlign; same results
+from .postprocess import DEFAULT_TOPK_CANDIDATES, cap_box_candidates, check_topk_candidates
 
 __all__ = [
     "ARCHS",
@@ -174,6 +175,7 @@ def build_detector(
     mask_head_channels: int = 256,
     mask_head_layers: int = 4,
     mask_roi_size: int = 14,
+    box_topk_candidates: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector on a ResNet-18/34 feature pyramid.
@@ -209,6 +211,13 @@ def build_detector(
             head (4 in torchvision; 0 feeds the pooled features to the predictor).
         mask_roi_size: Mask R-CNN only: side of the mask RoIAlign output (14 in
             torchvision); predicted masks are twice this size.
+        box_topk_candidates: Faster/Mask R-CNN only: per image, the most
+            (class, box) candidates that enter the box NMS, the highest-scoring
+            after the score threshold (``detection.postprocess``); default 5000 (or
+            ``box_detections_per_img`` if larger), which a trained model's candidates
+            at the default score threshold rarely reach, so results equal
+            torchvision's, while a score threshold of 0 (90,000 candidates with 91
+            classes) no longer makes NMS take seconds.
         **kwargs: passed to the torchvision model (``box_score_thresh``,
             ``box_detections_per_img``, ``rpn_batch_size_per_image``, ``score_thresh``,
             ``detections_per_img``, ...).
@@ -234,6 +243,14 @@ def build_detector(
     custom_mask_head = (mask_head_channels, mask_head_layers) != (256, 4)
     if arch != "mask_rcnn" and (custom_mask_head or mask_roi_size != 14):
         raise ValueError(f"mask_head_channels, mask_head_layers and mask_roi_size only apply to mask_rcnn, got them for {arch!r}")
+    if not two_stage and box_topk_candidates is not None:
+        raise ValueError(f"box_topk_candidates only applies to faster_rcnn and mask_rcnn, got it for {arch!r} "
+                         f"(RetinaNet and FCOS cap their candidates per level with topk_candidates)")
+    if two_stage:
+        detections = kwargs.get("box_detections_per_img", inspect.signature(_CLASSES[arch].__init__).parameters["box_detections_per_img"].default)
+        if box_topk_candidates is None:
+            box_topk_candidates = max(DEFAULT_TOPK_CANDIDATES, detections) if isinstance(detections, int) else DEFAULT_TOPK_CANDIDATES
+        check_topk_candidates(box_topk_candidates, detections if isinstance(detections, int) else None)
     body = resnet_fpn(
         BACKBONES[backbone],
         weights=weights_backbone,
@@ -272,6 +289,8 @@ def build_detector(
         model = RetinaNet(body, num_classes=num_classes, anchor_generator=anchors, **size_args, **kwargs)
     else:
         model = FCOS(body, num_classes=num_classes, anchor_generator=anchors, **size_args, **kwargs)
+    if two_stage:
+        cap_box_candidates(model, box_topk_candidates)
 
     model.build_args = {
         "arch": arch,
@@ -286,6 +305,7 @@ def build_detector(
         "representation_size": representation_size,
         "anchor_scale": anchor_scale,
         **(mask_options if arch == "mask_rcnn" else {}),
+        **({"box_topk_candidates": box_topk_candidates} if two_stage else {}),
         # Provenance only: a rebuilt model gets its weights from the checkpoint.
         "weights_backbone": weights_backbone if isinstance(weights_backbone, str) else None,
         "kwargs": dict(user_kwargs),

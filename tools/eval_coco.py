@@ -3,6 +3,7 @@
     python tools/eval_coco.py --checkpoint outputs/run/model_final.pth                   # shapes val
     python tools/eval_coco.py --checkpoint model_final.pth --data-path /data/coco --split val2017
     python tools/eval_coco.py --checkpoint model.onnx --runtime onnxruntime             # the deployed file itself
+    python tools/eval_coco.py --checkpoint model_final.pth --proposals 300              # fewer RoIs, no retraining
     torchrun --nproc_per_node=8 tools/eval_coco.py --checkpoint ... --data-path /data/coco
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from detection.evaluation import EVALUATORS
 from deploy.files import RUNTIMES
+from detection.postprocess import add_test_option_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="with --fast: trunk precision")
     p.add_argument("--no-progress", action="store_true")
+    add_test_option_args(p)  # PyTorch checkpoints; an exported file has them baked in
     return p.parse_args(argv)
 
 
@@ -47,19 +50,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     from detection.evaluation import evaluate, format_metrics, format_per_category
     from deploy.files import is_exported
     from deploy.predictor import Predictor
+    from detection.postprocess import parse_test_options, set_test_options
 
     path = Path(args.checkpoint)
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+        test_options = parse_test_options(args)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
         exported = is_exported(path, args.runtime)
         if exported and args.device == "cuda":
             raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
+        if exported and test_options:
+            raise ValueError(f"{path} is an exported file, whose proposal counts and candidate cap were baked in at export: "
+                             f"export it again with these flags (tools/export.py --proposals N ...), or evaluate the .pth checkpoint")
         device = "cpu" if exported else resolve_device(args.device)
         device = str(dist_utils.init_distributed(device))
         predictor = Predictor(path, runtime=args.runtime, device=device, fast=args.fast, dtype=parse_dtype(args.dtype))
+        set_test_options(predictor.model, test_options)
         train_config = getattr(predictor.model, "train_config", None)
         if args.data_path is None and not train_config:
             raise FileNotFoundError(f"{path} does not record its training data: pass --data-path (and --split)")

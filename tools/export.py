@@ -3,6 +3,7 @@
     python tools/export.py --checkpoint outputs/shapes_faster_rcnn_r18/model_final.pth --output model.onnx
     python tools/export.py --checkpoint model_final.pth --output model_int8.onnx --int8 --calib-images 64
     python tools/export.py --checkpoint model_final.pth --format torchscript --output model.pt
+    python tools/export.py --checkpoint model_final.pth --output model_300.onnx --proposals 300   # fewer RoIs, baked in
     python tools/export.py --checkpoint outputs/seg_shapes_semantic_fpn_r18/model_final.pth --output seg.onnx
 
 What the checkpoint holds decides the file. A detector's ONNX file takes one float32
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from deploy.export import DEFAULT_OPSET, EXPORT_FORMATS, INT8_METHODS, ExportError, check_export_args, export_checkpoint
+from detection.postprocess import add_test_option_args, parse_test_options
 from engine.cli import USER_ERRORS, run_tool
 
 
@@ -34,6 +36,7 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p.add_argument("--data-path", help="root for calibration, COCO layout (segmenters: VOC or COCO) (default: the checkpoint's training data)")
     p.add_argument("--int8-method", choices=list(INT8_METHODS), default="onnxruntime", help="quantizer (default onnxruntime)")
     p.add_argument("--export-size", type=int, nargs=2, metavar=("H", "W"), help="size of the traced sample (any size runs)")
+    add_test_option_args(p)  # baked into the file
     return p.parse_args(argv)
 
 
@@ -46,6 +49,7 @@ def _export(args: argparse.Namespace) -> int:
     for noisy in ("root", "nncf"):  # the quantizers' advice lines
         logging.getLogger(noisy).setLevel(logging.ERROR)
     check_export_args(format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images, int8_method=args.int8_method)
+    test_options = parse_test_options(args)
     if not Path(args.checkpoint).is_file():
         raise ExportError(f"checkpoint {args.checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py or tools/train_seg.py")
     if Path(args.output).is_dir():
@@ -53,6 +57,7 @@ def _export(args: argparse.Namespace) -> int:
     output = export_checkpoint(
         args.checkpoint, args.output, format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images,
         data_path=args.data_path, int8_method=args.int8_method, export_size=tuple(args.export_size) if args.export_size else None,
+        test_options=test_options,
     )
     what = args.format + (f" int8 ({args.int8_method}, {args.calib_images} calibration images)" if args.int8 else "")
     print(f"wrote {output} ({what}, {output.stat().st_size / 2**20:.1f} MiB)")
