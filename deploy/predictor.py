@@ -183,6 +183,8 @@ class Predictor:
     >>> predictor = Predictor("outputs/run/model_final.pth", score_thresh=0.5)
     >>> prediction = predictor("photo.jpg")           # or a PIL image, an H x W x 3 uint8 array
     >>> prediction.boxes, prediction.names, prediction.category_ids
+    >>> for prediction in predictor.stream(frames):   # a video's frames, a camera's: in order, as they come
+    ...     ...
 
     Args:
         model: a checkpoint, an exported file or a built model (see ``load_model``).
@@ -269,8 +271,8 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Detect objects in a sequence of images, one :class:`Prediction` per image, in their order, lazily.
 
-        A generator: it reads ``frames`` as it goes (at most ``prefetch + requests`` images
-        ahead of what it has yielded), so a camera or an endless iterator works. When
+        Returns a generator that reads ``frames`` as it goes (at most ``prefetch + requests + 1``
+        images ahead of what it has yielded), so a camera or an endless iterator works. When
         ``frames`` raises, the predictions of the images before are yielded first, then the
         error is raised.
 
