@@ -11,6 +11,12 @@ proposals, 100 detections and masks, whatever the weights), so rows of different
 depths compare. The exported rows run the file ``deploy.export`` writes for the
 row's own model (fp32, and int8 by ONNX Runtime's static quantizer) through
 ``deploy.runtime.load_exported``, each labelled with the precision that ran.
+The heavy-load rows (``--only heavy``, ``set_heavy_load``) time the same candidates where
+post-processing is the work: random weights, score threshold 0 and NMS at 1.0 in the RPN and
+the box head, so every one of 1000 proposals x 90 classes (90,000 candidates) passes the
+threshold and nothing is suppressed; ours caps the candidates entering NMS
+(``box_topk_candidates``, ``detection.postprocess``) and the row shows ours without the cap
+too. ``--proposals N`` times every detector row at N proposals per image instead of 1000.
 Segmenter inference rows (``bench_segmenters``) on the CPU likewise: each candidate in a
 process of its own with the same threads, one 520x520 image, 21 classes (VOC), random
 weights: our DeepLabV3 R18/R34 at output stride 8 and 16 and Semantic FPN R18 against
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +48,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from backbones import resnet_fpn
 from detection.evaluation import coco_evaluate
 from detection.models import build_detector
+from detection.postprocess import set_test_options
 from segmentation.models import build_segmenter
 from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
 
@@ -54,6 +62,7 @@ __all__ = [
     "bench_segmenters",
     "bench_training",
     "fix_detector_work",
+    "set_heavy_load",
     "format_table",
     "plot",
     "roi_align_cases",
@@ -141,18 +150,46 @@ def set_fixed_thresholds(model: nn.Module) -> nn.Module:
     return model
 
 
-def _detector_pairs(arch: str, depth: int, size: tuple[int, int], *, fixed_work: bool = True) -> dict[str, nn.Module]:
+def set_heavy_load(model: nn.Module) -> nn.Module:
+    """The heavy load: post-processing at its worst, on a random-weight R-CNN (torchvision's or ours).
+
+    RPN NMS at IoU 1.0 keeps ``post_nms_top_n`` proposals (1000), a box score threshold of
+    0 lets every (proposal, class) pair through (90,000 candidates with 91 classes) and box
+    NMS at 1.0 suppresses none of them, so torchvision's post-processing sorts and
+    compares all 90,000 before keeping 100 detections. A capped model
+    (``box_topk_candidates``) keeps exactly the same 100: at NMS 1.0 they are the 100
+    best-scoring candidates, which any cap >= 100 lets through.
+    """
+    model.rpn.nms_thresh = 1.0
+    model.roi_heads.nms_thresh = 1.0
+    model.roi_heads.score_thresh = 0.0
+    return model
+
+
+LOADS = ("light", "heavy")
+
+
+def _detector_pairs(
+    arch: str, depth: int, size: tuple[int, int], *, fixed_work: bool = True, load: str = "light", proposals: int | None = None,
+) -> dict[str, nn.Module]:
     min_size, max_size = size
     torch.manual_seed(0)
     ours = build_detector(arch, backbone=f"resnet{depth}", num_classes=91, min_size=min_size, max_size=max_size).eval()
     _randomise_bn(ours)
-    if fixed_work:
+    if fixed_work and load == "heavy":
+        set_heavy_load(ours)
+    elif fixed_work:
         fix_detector_work(ours)
     cls = FasterRCNN if arch == "faster_rcnn" else MaskRCNN
     tv = cls(_tv_backbone(depth), 91, min_size=min_size, max_size=max_size).eval()
     tv.load_state_dict(ours.state_dict())
-    if fixed_work:
+    if fixed_work and load == "heavy":
+        set_heavy_load(tv)
+    elif fixed_work:
         set_fixed_thresholds(tv)
+    if proposals is not None:
+        for model in (ours, tv):
+            set_test_options(model, {"rpn_post_nms_top_n_test": proposals})
     return {"torchvision": tv, "ours": ours}
 
 
@@ -164,18 +201,23 @@ def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any
         from deploy.runtime import load_exported
 
         return load_exported(spec["path"], runtime=spec["runtime"], precision=spec.get("precision"), num_threads=spec["threads"])
+    proposals = spec.get("proposals")
     if kind == "r50":
         torch.manual_seed(0)
         r50 = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, min_size=size[0], max_size=size[1]).eval()
-        return fix_detector_work(r50)
-    models = _detector_pairs(arch, depth, size)
+        return set_test_options(fix_detector_work(r50), {"rpn_post_nms_top_n_test": proposals} if proposals else {})
+    models = _detector_pairs(arch, depth, size, load=spec.get("load", "light"), proposals=proposals)
+    if kind == "uncapped":  # what every candidate would cost without the cap: torchvision's post-processing on our model
+        return set_test_options(models["ours"], {"box_topk_candidates": 10**9})
     if kind in models:
         return models[kind]
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
     return optimize_for_inference(models["ours"], dtype=dtype, autocast_pyramid=spec.get("autocast_pyramid", "outputs"))
 
 
-def _exported_candidates(arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool) -> dict[str, dict[str, Any]]:
+def _exported_candidates(
+    arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool, *, load: str = "light", proposals: int | None = None,
+) -> dict[str, dict[str, Any]]:
     """Export the row's "ours" model (fp32 and int8) and describe each runtime/precision to time."""
     try:
         import onnxruntime  # noqa: F401
@@ -184,65 +226,87 @@ def _exported_candidates(arch: str, depth: int, size: tuple[int, int], out_dir: 
     except ImportError:
         logger.warning("onnx/onnxruntime not installed: no exported rows (pip install -e '.[deploy]')")
         return {}
-    model = _detector_pairs(arch, depth, size)["ours"]
-    fp32 = out_dir / f"{arch}_r{depth}_{size[0]}.onnx"
-    int8 = out_dir / f"{arch}_r{depth}_{size[0]}_int8.onnx"
+    model = _detector_pairs(arch, depth, size, load=load, proposals=proposals)["ours"]
+    stem = f"{arch}_r{depth}_{size[0]}" + (f"_{load}" if load != "light" else "") + (f"_p{proposals}" if proposals else "")
+    fp32 = out_dir / f"{stem}.onnx"
+    int8 = out_dir / f"{stem}_int8.onnx"
     export_onnx(model, fp32)
     # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
     g = torch.Generator().manual_seed(0)
     side = min(size[0], 320)
+    start = time.perf_counter()
     quantize_onnx(fp32, int8, [torch.rand(3, side, side * 3 // 2, generator=g) for _ in range(2)])
+    calibration = time.perf_counter() - start  # the quantizer runs the fp32 file on each image: post-processing included
+    logger.info("%s: int8 quantisation (2 calibration images) took %.1f s", int8.name, calibration)
     specs = {"onnxruntime fp32": {"path": str(fp32), "runtime": "onnxruntime"},
-             "onnxruntime int8": {"path": str(int8), "runtime": "onnxruntime"}}
+             "onnxruntime int8": {"path": str(int8), "runtime": "onnxruntime", "quantize_s": calibration}}
     try:
         import openvino  # noqa: F401
 
         specs.update({
             "openvino fp32": {"path": str(fp32), "runtime": "openvino", "precision": "fp32"},
             "openvino bf16": {"path": str(fp32), "runtime": "openvino", "precision": "bf16"},
-            "openvino int8": {"path": str(int8), "runtime": "openvino", "precision": "fp32"},
+            "openvino int8": {"path": str(int8), "runtime": "openvino", "precision": "fp32", "quantize_s": calibration},
         })
     except ImportError:
         logger.warning("openvino not installed: no OpenVINO rows")
     return {name: {"kind": "exported", **spec} for name, spec in specs.items()}
 
 
-def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict], *, load: str = "light") -> None:
+    """Detector inference rows: every candidate doing the fixed work (``load="light"``) or at the heavy load (``set_heavy_load``)."""
+    if load not in LOADS:
+        raise ValueError(f"load must be one of {list(LOADS)}, got {load!r}")
+    proposals = getattr(args, "proposals", None)
     if device.type == "cuda":
+        if load == "heavy":
+            logger.warning("the heavy-load detector rows are CPU rows (one process per candidate): skipped on CUDA")
+            return None
         return _bench_detectors_cuda(args, device, rows)
     size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
     image = (size[0], int(size[0] * 1.52))  # 800x1216: both sides divisible by 32, as the issue's timings
     low = "bfloat16"
     export_dir = Path(args.output_dir) / "exported"
     export_dir.mkdir(parents=True, exist_ok=True)
-    cases = [(arch, d) for arch in args.archs for d in args.depths]
+    # The heavy rows show post-processing, which the trunk's depth does not change: the first depth only.
+    cases = [(arch, d) for arch in args.archs for d in (args.depths if load == "light" else args.depths[:1])]
     for arch, depth in cases:
-        candidates: dict[str, dict[str, Any]] = {
-            "torchvision": {"kind": "torchvision"},
+        candidates: dict[str, dict[str, Any]] = {"torchvision": {"kind": "torchvision"}}
+        if load == "heavy":
+            candidates["ours, no candidate cap"] = {"kind": "uncapped"}
+        candidates.update({
             "ours": {"kind": "ours"},
             "ours fast fp32": {"kind": "fast", "dtype": "float32"},
             f"ours fast {low}": {"kind": "fast", "dtype": low},
-            f"ours fast {low} + pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": True},
-            f"ours fast {low}, fp32 pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": False},
-        }
-        if arch == "faster_rcnn" and depth == args.depths[0]:
+        })
+        if load == "light":
+            candidates.update({
+                f"ours fast {low} + pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": True},
+                f"ours fast {low}, fp32 pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": False},
+            })
+        if load == "light" and arch == "faster_rcnn" and depth == args.depths[0]:
             candidates["torchvision R50 (fasterrcnn_resnet50_fpn)"] = {"kind": "r50"}
         if not args.no_export and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
-            candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick))
+            candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
         results = {}
         for name, spec in candidates.items():
             full = {**spec, "arch": arch, "depth": depth, "size": list(size), "image": list(image), "threads": torch.get_num_threads(),
-                    "reps": args.reps, "warmup": args.warmup}
+                    "reps": args.reps, "warmup": args.warmup, "load": load, "proposals": proposals}
             results[name] = run_in_own_process(time_candidate, full, in_process=args.in_process)
             logger.info("%s R%d %s: %s", arch, depth, name, results[name])
         ref = results["torchvision"]["seconds"]
+        group = "detector inference" if load == "light" else "detector, heavy load"
+        case = f"{arch} R{depth} {image[0]}x{image[1]}" + (f", {proposals} proposals" if proposals else "")
         for name, r in results.items():
             if "error" in r:
                 logger.error("%s R%d %s failed: %s", arch, depth, name, r["error"])
                 continue
-            rows.append({"group": "detector inference", "case": f"{arch} R{depth} {image[0]}x{image[1]}", "candidate": name,
-                         "images_per_s": 1 / r["seconds"], "seconds": r["seconds"], "ratio": ref / r["seconds"],
-                         "peak_mb": r["peak_mb"] if not args.no_memory else None, "detections": r["detections"]})
+            row = {"group": group, "case": case, "candidate": name,
+                   "images_per_s": 1 / r["seconds"], "seconds": r["seconds"], "ratio": ref / r["seconds"],
+                   "peak_mb": r["peak_mb"] if not args.no_memory else None, "detections": r["detections"]}
+            if "quantize_s" in candidates[name]:
+                row["quantize_s"] = candidates[name]["quantize_s"]
+            rows.append(row)
 
 
 def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
@@ -250,7 +314,7 @@ def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: 
     image = [torch.rand(3, size[0], int(size[0] * 1.52), device=device)]
     for arch in args.archs:
         for depth in args.depths:
-            models = _detector_pairs(arch, depth, size)
+            models = _detector_pairs(arch, depth, size, proposals=getattr(args, "proposals", None))
             models["ours fast fp32"] = optimize_for_inference(models["ours"])
             models["ours fast float16"] = optimize_for_inference(models["ours"], dtype=torch.float16)
             models = {k: m.to(device) for k, m in models.items()}

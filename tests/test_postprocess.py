@@ -242,3 +242,18 @@ def test_eval_refuses_proposals_for_an_exported_file(capped_export):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "baked in at export" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
+    # The benchmark's heavy rows (tools/benchmark.py --only heavy): 1000 proposals x 90 classes all pass the threshold,
+    # and ours lets 5000 of them into NMS. Catches a load that is not heavy, or a benchmark model without the cap.
+    from deploy.benchmark import set_heavy_load
+
+    torch.manual_seed(0)
+    model = set_heavy_load(build_detector("faster_rcnn", num_classes=91, min_size=64, max_size=96, out_channels=32, representation_size=64).eval())
+    rois = []
+    model.roi_heads.box_head.register_forward_hook(lambda module, args, out: rois.append(len(out)))
+    with _CountingNMS() as nms, torch.no_grad():
+        out = model([torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))])[0]
+    assert rois == [1000] and len(nms.seen[-1]) == DEFAULT_TOPK_CANDIDATES and len(out["boxes"]) == 100
+    assert nms.seen[-1].min() > 0  # score threshold 0: the 5000 best of 90,000

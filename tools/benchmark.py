@@ -3,6 +3,8 @@
     python tools/benchmark.py                    # full CPU run (about 30 minutes)
     python tools/benchmark.py --quick            # small sizes, a few minutes
     python tools/benchmark.py --only detector    # detectors only: eager, fast path, ONNX Runtime, OpenVINO, int8
+    python tools/benchmark.py --only heavy       # the same at the heavy load: 90,000 candidate boxes (score 0, NMS 1.0)
+    python tools/benchmark.py --only detector --proposals 300   # every detector at 300 proposals instead of 1000
     python tools/benchmark.py --only seg         # segmenters at 520x520 beside torchvision's deeplabv3_resnet50
     python tools/benchmark.py --device cuda
 
@@ -23,7 +25,7 @@ from deploy.benchmark import bench_backbones, bench_coco_eval, bench_detectors, 
 from engine.cli import fail, run_tool
 
 
-STEPS = ("backbone", "detector", "seg", "train", "eval")
+STEPS = ("backbone", "detector", "heavy", "seg", "train", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", nargs="+", default=["faster_rcnn", "mask_rcnn"], choices=["faster_rcnn", "mask_rcnn"],
                    help="detectors timed by the detector step")
     p.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS),
-                   help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; train: detector steps; eval: COCOeval")
+                   help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; heavy: detector inference "
+                        "where post-processing is the work (score threshold 0, NMS 1.0: 90,000 candidates); train: detector steps; eval: COCOeval")
+    p.add_argument("--proposals", type=int, metavar="N",
+                   help="detector rows: proposals per image (rpn_post_nms_top_n_test) for every candidate, instead of 1000")
     p.add_argument("--in-process", action="store_true",
                    help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
                         "(candidates share the allocator and thread pools, so do not compare them this way)")
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but CUDA is not available")
+    if args.proposals is not None and args.proposals < 1:
+        return fail(f"--proposals must be a positive integer, got {args.proposals}")
     device = torch.device(args.device)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -68,6 +75,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     print(f"benchmark on {machine}")
     rows: list[dict] = []
     steps = {"backbone": lambda: bench_backbones(args, device, rows), "detector": lambda: bench_detectors(args, device, rows),
+             "heavy": lambda: bench_detectors(args, device, rows, load="heavy"),
              "seg": lambda: bench_segmenters(args, device, rows), "train": lambda: bench_training(args, device, rows),
              "eval": lambda: bench_coco_eval(args, rows)}
     for name in args.only:
