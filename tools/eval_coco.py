@@ -91,6 +91,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         sec = result["seconds"]
         print(f"inference {sec['inference']:.1f} s ({len(dataset) / max(sec['inference'], 1e-9):.1f} images/s), "
               f"COCOeval {sec['coco_eval']:.2f} s; wrote {out_dir}")
+        if test_options:
+            print("at test time: " + ", ".join(f"{k}={v}" for k, v in test_options.items()))
     return 0
 
 
