@@ -582,6 +582,10 @@ def annotate_video(
         source.close()
         raise
     frames, interrupted, written, seconds = 0, False, None, 0.0
+    runs_on = getattr(predictor.model, "runtime", None) or f"torch on {getattr(predictor, 'device', 'cpu')}"
+    log.info("%s: %s, %dx%d at %s frames/s%s; model: %s%s", source.name, source.kind, source.size[1], source.size[0],
+             f"{source.fps:g}" if source.fps else f"{fps:g} (none given)", f", {source.frame_count} frames" if source.frame_count else "",
+             runs_on, f", {requests} requests in flight" if requests > 1 else "")
     started = time.perf_counter()
 
     def finish() -> None:

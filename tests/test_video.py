@@ -235,7 +235,7 @@ def _counting(frames: list[np.ndarray], pulled: list[int], fail_after: int | Non
         yield frame
 
 
-def test_stream_yields_in_order_lazily_and_what_came_before_an_error(model: torch.nn.Module) -> None:
+def test_stream_yields_in_order_lazily_and_what_came_before_an_error(model: torch.nn.Module, one_thread: None) -> None:
     predictor = Predictor(model, device="cpu", score_thresh=0.0)
     frames = _scene_frames(4, seed=2)
     expected = [predictor(frame) for frame in frames[:3]]
@@ -261,7 +261,7 @@ def test_stream_yields_in_order_lazily_and_what_came_before_an_error(model: torc
         predictor.stream(frames, requests=2)  # refused when called, not at the first frame
 
 
-def test_openvino_requests_in_flight_give_the_synchronous_results_in_order(onnx_file: Path, checkpoint: Path) -> None:
+def test_openvino_requests_in_flight_give_the_synchronous_results_in_order(onnx_file: Path, checkpoint: Path, monkeypatch) -> None:
     predictor = Predictor(onnx_file, runtime="openvino", score_thresh=0.0)
     frames = _scene_frames(6, seed=3)
     synchronous = list(predictor.stream(frames, prefetch=0))
@@ -279,12 +279,17 @@ def test_openvino_requests_in_flight_give_the_synchronous_results_in_order(onnx_
             got.append(prediction)
     assert [p.scores.tobytes() for p in got] == [p.scores.tobytes() for p in synchronous[:4]]
     # bf16 reaches OpenVINO from Predictor (and infer.py --precision); a PyTorch checkpoint refuses it.
-    assert Predictor(onnx_file, runtime="openvino", precision="bf16").model.openvino_config["INFERENCE_PRECISION_HINT"] == "bf16"
+    import deploy.runtime
+
+    asked = {}
+    monkeypatch.setattr(deploy.runtime, "load_exported", lambda path, **kwargs: asked.update(kwargs) or predictor.model)
+    Predictor(onnx_file, runtime="openvino", precision="bf16")
+    assert asked["precision"] == "bf16" and asked["runtime"] == "openvino"
     with pytest.raises(ValueError, match="precision='bf16' is for exported files run with runtime='openvino'"):
         Predictor(checkpoint, device="cpu", precision="bf16")
 
 
-def test_annotated_frames_keep_their_colours_and_stop_ends_after_the_frame(model: torch.nn.Module, tmp_path: Path) -> None:
+def test_annotated_frames_keep_their_colours_and_stop_ends_after_the_frame(model: torch.nn.Module, tmp_path: Path, one_thread: None) -> None:
     colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220)]
     files = []
     for i, colour in enumerate(colours):
