@@ -3,6 +3,7 @@
 import argparse
 import copy
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -257,3 +258,26 @@ def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
         out = model([torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))])[0]
     assert rois == [1000] and len(nms.seen[-1]) == DEFAULT_TOPK_CANDIDATES and len(out["boxes"]) == 100
     assert nms.seen[-1].min() > 0  # score threshold 0: the 5000 best of 90,000
+
+
+def test_infer_takes_proposals_for_a_checkpoint_and_refuses_them_for_an_exported_file(capped_export, tmp_path):
+    # tools/infer.py: the flags reach the model a .pth builds; an exported file's counts are baked in, so
+    # there the flags are one error line before any work (catches a flag parsed but never applied or silently ignored).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_tool", Path(__file__).resolve().parents[1] / "tools" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    pth = Path(capped_export["onnx"]).with_name("model.pth")
+    args = infer.parse_args(["--checkpoint", str(pth), "--input", "x.jpg", "--output", str(tmp_path / "vis"),
+                             "--proposals", "7", "--box-topk-candidates", "300"])
+    rpn = infer._predictor(args).model.rpn
+    assert rpn._post_nms_top_n["testing"] == 7
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    proc = run_tool(["tools/infer.py", "--checkpoint", str(capped_export["onnx"]), "--input", str(tmp_path / "x.png"),
+                     "--output", str(tmp_path / "out"), "--proposals", "300"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "baked in at export" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,7 @@ from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from deploy.files import RUNTIMES, is_exported
 from deploy.inputs import check_output_folder, image_files
 from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
+from detection.postprocess import add_test_option_args
 
 VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams")
 
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="--runtime openvino: what is not int8 runs in this precision (default fp32)")
+    add_test_option_args(p)  # PyTorch checkpoints; an exported file has them baked in
     video = p.add_argument_group("videos, cameras, streams and frame folders")
     video.add_argument("--frames", action="store_true", help="read the --input folder's images as the frames of one video (natural name order)")
     video.add_argument("--fps", type=float, help=f"frame rate of annotated.mp4 where the source has none (frame folders, some cameras); default {DEFAULT_FPS:g}")
@@ -117,13 +119,20 @@ def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
 def _predictor(args: argparse.Namespace):
     from engine.config import resolve_device
     from deploy.predictor import Predictor
+    from detection.postprocess import parse_test_options, set_test_options
 
+    test_options = parse_test_options(args)
     exported = is_exported(args.checkpoint, args.runtime)
     if exported and args.device == "cuda":
         raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
+    if exported and test_options:
+        raise ValueError(f"{args.checkpoint} is an exported file, whose proposal counts and candidate cap were baked in at export: "
+                         f"export it again with these flags (tools/export.py --proposals N ...), or run the .pth checkpoint")
     device = "cpu" if exported else resolve_device(args.device)
-    return Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
-                     fast=args.fast, dtype=parse_dtype(args.dtype), precision=args.precision)
+    predictor = Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
+                          fast=args.fast, dtype=parse_dtype(args.dtype), precision=args.precision)
+    set_test_options(predictor.model, test_options)
+    return predictor
 
 
 def _video(args: argparse.Namespace, predictor, source, out_dir: Path) -> int:
