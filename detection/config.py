@@ -80,6 +80,7 @@ DETECTION = RUN.extend(
         "min_size": 800,
         "max_size": 1333,
         "model_kwargs": {},  # build_detector / torchvision model options (e.g. rpn_batch_size_per_image)
+        "init_checkpoint": None,  # a detector file (e.g. pruned by tools/prune.py) to fine-tune: its architecture and weights
         # data
         "train_split": None,  # null: the one instances_*train*.json in annotations/ ("train" for shapes)
         "val_split": None,  # null: the one instances_*val*.json in annotations/ ("val" for shapes)
@@ -108,6 +109,7 @@ DETECTION = RUN.extend(
         "min_size": SIZES,
         "max_size": POS_INT,
         "model_kwargs": ("a mapping of option names to values", lambda v: isinstance(v, dict)),
+        "init_checkpoint": optional(("a detector checkpoint path", STR[1])),
         "train_split": optional(STR),
         "val_split": optional(STR),
         "masks": optional(BOOL),

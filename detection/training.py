@@ -22,7 +22,15 @@ from engine import distributed as dist_utils
 from engine import runner
 from engine.runner import MetricsLog, Run, TrainData, TrainState
 
-from .checkpoint import read_checkpoint, read_training_state, save_detector, save_training_state
+from .checkpoint import (
+    CheckpointError,
+    check_init_checkpoint,
+    load_detector_for_training,
+    read_checkpoint,
+    read_training_state,
+    save_detector,
+    save_training_state,
+)
 from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_fn, create_aspect_ratio_groups
 from engine.roots import find_splits, prepare_data_root
 from .evaluation import evaluate, format_metrics, format_per_category
@@ -80,12 +88,22 @@ class DetectionTask(runner.Task):
         return DetectionData(root, train_set, val_set, sampler, batch_sampler, *plan, collate_fn=collate_fn, model_min_size=model_min_size)
 
     def build_model(self, cfg: dict[str, Any], run: Run, data: DetectionData) -> tuple[nn.Module, nn.Module]:
-        model = build_detector(
-            cfg["model"], backbone=cfg["backbone"], num_classes=data.train_set.num_classes,
-            weights_backbone=cfg["weights_backbone"], trainable_layers=cfg["trainable_layers"],
-            returned_layers=cfg["returned_layers"], min_size=data.model_min_size, max_size=cfg["max_size"],
-            norm=cfg["norm"], **cfg["model_kwargs"],
-        )
+        if cfg["init_checkpoint"] is not None:
+            # Fine-tuning (e.g. a pruned model): the file's architecture, its widths and weights.
+            model = load_detector_for_training(
+                cfg["init_checkpoint"], arch=cfg["model"], backbone=cfg["backbone"], num_classes=data.train_set.num_classes,
+                min_size=data.model_min_size, max_size=cfg["max_size"], trainable_layers=cfg["trainable_layers"],
+            )
+            if run.is_main:
+                plan = getattr(model, "channel_plan", None)
+                logger.info("initialised from %s%s", cfg["init_checkpoint"], f" (pruned: {len(plan)} layers narrowed)" if plan else "")
+        else:
+            model = build_detector(
+                cfg["model"], backbone=cfg["backbone"], num_classes=data.train_set.num_classes,
+                weights_backbone=cfg["weights_backbone"], trainable_layers=cfg["trainable_layers"],
+                returned_layers=cfg["returned_layers"], min_size=data.model_min_size, max_size=cfg["max_size"],
+                norm=cfg["norm"], **cfg["model_kwargs"],
+            )
         total, trainable = count_parameters(model)
         if run.is_main:
             logger.info("%s/%s: %s parameters, %s trainable", cfg["model"], cfg["backbone"], f"{total:,}", f"{trainable:,}")
@@ -167,17 +185,34 @@ def preflight(cfg: dict[str, Any], *, resume: str | Path | bool | None = None) -
     Raises:
         ConfigError: the device is not available.
         DataPathError: the data folder or a split is missing or ambiguous.
-        WeightsError: the backbone weights or the resume checkpoint cannot be used.
+        WeightsError: the backbone weights, the init checkpoint or the resume checkpoint
+            cannot be used (a pruned file as backbone weights; a resume file whose widths
+            differ from the model the run builds).
     """
     cfg = dict(cfg)
     if cfg["data_path"] is not None:
         cfg["train_split"], cfg["val_split"] = find_splits(cfg["data_path"], cfg["train_split"], cfg["val_split"])
     weights = cfg["weights_backbone"]
-    if weights == "imagenet":
+    init_plan = None
+    if cfg["init_checkpoint"] is not None:  # its weights replace weights_backbone's
+        init_plan = check_init_checkpoint(cfg["init_checkpoint"], arch=cfg["model"], backbone=cfg["backbone"]).get("channel_plan") or None
+    elif weights == "imagenet":
         imagenet_file(BACKBONES[cfg["backbone"]])
     elif weights is not None:
-        normalize_state_dict(read_checkpoint(weights))
+        ckpt = read_checkpoint(weights)
+        if isinstance(ckpt, dict) and ckpt.get("channel_plan"):
+            raise CheckpointError(f"{weights} is a pruned detector: its trunk does not fit a standard {cfg['backbone']}; "
+                                  f"fine-tune it with --init-checkpoint {weights} instead of --weights-backbone")
+        normalize_state_dict(ckpt)
     runner.preflight(TASK, cfg, resume=resume)
+    if resume:
+        path = runner.resume_path(cfg, resume)
+        resume_plan = read_training_state(path).get("channel_plan") or None
+        if resume_plan != init_plan:
+            what = "a pruned model" if resume_plan else "an unpruned model"
+            built = f"the model of init_checkpoint {cfg['init_checkpoint']}" if cfg["init_checkpoint"] else "the standard architecture"
+            raise CheckpointError(f"{path} holds {what} whose widths differ from {built}: resume with the config "
+                                  f"(init_checkpoint) the run started with, e.g. --config {Path(cfg['output_dir']) / 'config.yaml'}")
     return cfg
 
 

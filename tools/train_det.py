@@ -5,6 +5,7 @@
     python tools/train_det.py --config faster_rcnn_r18_fpn_1x_coco --data-path /data/coco
     torchrun --nproc_per_node=8 tools/train_det.py --config faster_rcnn_r18_fpn_1x_coco --data-path /data/coco
     python tools/train_det.py --list-configs
+    python tools/train_det.py --config outputs/run/config.yaml --init-checkpoint pruned.pth --epochs 2 --lr 0.0002   # fine-tune
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", default=None, help="autocast: fp16 + GradScaler on CUDA, bf16 on CPU")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH", help="resume from PATH or OUTPUT_DIR/checkpoint.pth")
     p.add_argument("--weights-backbone", help="imagenet, none, or a checkpoint path (e.g. from tools/train_cls.py)")
+    p.add_argument("--init-checkpoint", help="start from this detector file, architecture and weights (fine-tuning, e.g. a file "
+                                             "from tools/prune.py; see docs/pruning.md)")
     p.add_argument("--trainable-layers", type=int)
     p.add_argument("--augment", choices=["none", "hflip", "multiscale", "lsj"])
     p.add_argument("--workers", type=int)
@@ -66,6 +69,7 @@ def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
         train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir,
         epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size, lr=args.lr,
         device=args.device, amp=args.amp, weights_backbone=args.weights_backbone, trainable_layers=args.trainable_layers,
+        init_checkpoint=args.init_checkpoint,
         augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
     )
     return preflight(cfg, resume=args.resume), args  # every input checked before any work
