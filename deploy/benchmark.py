@@ -61,6 +61,7 @@ __all__ = [
     "bench_roi_align",
     "bench_segmenters",
     "bench_training",
+    "checkpoint_candidate",
     "fix_detector_work",
     "set_heavy_load",
     "format_table",
@@ -193,10 +194,34 @@ def _detector_pairs(
     return {"torchvision": tv, "ours": ours}
 
 
+def checkpoint_candidate(path: str | Path, size: tuple[int, int], *, proposals: int | None = None) -> nn.Module:
+    """A detector file (e.g. pruned by ``tools/prune.py``) doing a row's fixed work at a row's size.
+
+    Its own resize, proposal counts and thresholds (a shapes model's 128-pixel input, 150
+    proposals) are replaced by the row's (``size``, torchvision's 1000 proposals or
+    ``proposals``, ``fix_detector_work``), so only its widths and weights differ from the
+    row's other candidates.
+
+    Args:
+        path: a Faster/Mask R-CNN detector file.
+        size: the row's ``(min_size, max_size)``.
+        proposals: the row's proposals per image, or ``None`` for 1000.
+    """
+    from detection.checkpoint import load_detector
+
+    model = load_detector(path)
+    model.transform.min_size, model.transform.max_size = (size[0],), size[1]
+    model.roi_heads.detections_per_img = 100
+    set_test_options(model, {"rpn_pre_nms_top_n_test": 1000, "rpn_post_nms_top_n_test": proposals or 1000})
+    return fix_detector_work(model)
+
+
 def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any]:
     """Build one candidate of a detector row from its description (in the timing process)."""
     arch, depth, size = spec["arch"], spec["depth"], tuple(spec["size"])
     kind = spec["kind"]
+    if kind == "checkpoint":
+        return checkpoint_candidate(spec["path"], size, proposals=spec.get("proposals"))
     if kind == "exported":
         from deploy.runtime import load_exported
 
@@ -217,8 +242,9 @@ def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any
 
 def _exported_candidates(
     arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool, *, load: str = "light", proposals: int | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Export the row's "ours" model (fp32 and int8) and describe each runtime/precision to time."""
+    """Export the row's "ours" model (or ``checkpoint``'s, ``checkpoint_candidate``) (fp32 and int8) and describe each runtime/precision to time."""
     try:
         import onnxruntime  # noqa: F401
 
@@ -226,8 +252,12 @@ def _exported_candidates(
     except ImportError:
         logger.warning("onnx/onnxruntime not installed: no exported rows (pip install -e '.[deploy]')")
         return {}
-    model = _detector_pairs(arch, depth, size, load=load, proposals=proposals)["ours"]
-    stem = f"{arch}_r{depth}_{size[0]}" + (f"_{load}" if load != "light" else "") + (f"_p{proposals}" if proposals else "")
+    if checkpoint is not None:
+        model = checkpoint_candidate(checkpoint, size, proposals=proposals)
+        stem = f"{Path(checkpoint).stem}_{size[0]}" + (f"_p{proposals}" if proposals else "")
+    else:
+        model = _detector_pairs(arch, depth, size, load=load, proposals=proposals)["ours"]
+        stem = f"{arch}_r{depth}_{size[0]}" + (f"_{load}" if load != "light" else "") + (f"_p{proposals}" if proposals else "")
     fp32 = out_dir / f"{stem}.onnx"
     int8 = out_dir / f"{stem}_int8.onnx"
     export_onnx(model, fp32)
@@ -288,6 +318,18 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             candidates["torchvision R50 (fasterrcnn_resnet50_fpn)"] = {"kind": "r50"}
         if not args.no_export and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
             candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
+        for path in getattr(args, "checkpoints", []) if load == "light" else []:
+            # Detector files (pruned ones, tools/prune.py) of this row's architecture and depth, doing its fixed work.
+            from detection.checkpoint import read_torch_file
+
+            built = read_torch_file(path)["build_args"]
+            if (built["arch"], built["backbone"]) != (arch, f"resnet{depth}"):
+                continue
+            stem = Path(path).stem
+            candidates[f"{stem}"] = {"kind": "checkpoint", "path": str(path)}
+            if not args.no_export:
+                exported = _exported_candidates(arch, depth, size, export_dir, args.quick, proposals=proposals, checkpoint=str(path))
+                candidates.update({f"{stem} {name}": spec for name, spec in exported.items()})
         results = {}
         for name, spec in candidates.items():
             full = {**spec, "arch": arch, "depth": depth, "size": list(size), "image": list(image), "threads": torch.get_num_threads(),

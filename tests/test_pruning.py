@@ -292,6 +292,17 @@ def test_counts_the_costs_the_issue_quotes(pruned_file):
     assert after["rpn_head"] / before["rpn_head"] == pytest.approx(0.25, rel=0.02)  # half the inputs, half the outputs
 
 
+def test_the_benchmark_times_a_pruned_file_at_the_rows_fixed_work(pruned_file):
+    from deploy.benchmark import checkpoint_candidate
+
+    path, _, _ = pruned_file
+    model = checkpoint_candidate(path, (96, 144))
+    assert model.channel_plan and model.transform.min_size == (96,) and model.rpn.post_nms_top_n() == 1000
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 144)])[0]
+    assert len(out["boxes"]) == 100 and set(out["labels"].tolist()) == {1}  # fix_detector_work's 100 class-1 detections
+
+
 # --- fine-tuning with the trainer: iterative steps, resumable ------------------------------------
 
 
