@@ -320,7 +320,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
         for path in getattr(args, "checkpoints", []) if load == "light" else []:
             # Detector files (pruned ones, tools/prune.py) of this row's architecture and depth, doing its fixed work.
-            from detection.checkpoint import read_torch_file
+            from engine.files import read_torch_file
 
             built = read_torch_file(path)["build_args"]
             if (built["arch"], built["backbone"]) != (arch, f"resnet{depth}"):

@@ -805,15 +805,14 @@ def iterative_prune(
     """
     from pathlib import Path
 
-    from engine.files import atomic_write
+    from engine.files import atomic_write, read_torch_file
 
-    from .checkpoint import load_detector
     from .training import preflight, train
 
     work = Path(work_dir)
     summaries = []
     source = Path(checkpoint)
-    train_config = load_detector(source).train_config
+    train_config = read_torch_file(source).get("config")
     for k, step_ratio in enumerate(step_ratios(ratio, steps), start=1):
         pruned, run_dir = work / f"step{k}_pruned.pth", work / f"step{k}"
         final = run_dir / "model_final.pth"

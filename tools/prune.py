@@ -74,16 +74,16 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py")
 
-    from deploy.files import identify
+    from deploy.files import kind_of
+    from engine.files import read_torch_file
 
-    kind = identify(checkpoint).kind
+    ckpt = read_torch_file(checkpoint)  # an exported file, junk, pickled code: refused here, naming the file
+    kind = kind_of(ckpt)
     if kind not in ("detector", "training_state"):
-        raise ValueError(f"{checkpoint} is not a detector checkpoint (it is a {kind!r} file, deploy.files.KINDS): tools/prune.py "
-                         f"prunes model_final.pth / checkpoint.pth from tools/train_det.py")
-    from detection.checkpoint import load_detector
-
-    model = load_detector(checkpoint)
-    if args.importance == "taylor" and args.data_path is None and not model.train_config:
+        raise ValueError(f"{checkpoint} is not a detector checkpoint (it is {f'a {kind!r} file' if kind else 'no file this project reads'}, "
+                         f"deploy.files.KINDS): tools/prune.py prunes model_final.pth / checkpoint.pth from tools/train_det.py")
+    train_config = ckpt.get("config")
+    if args.importance == "taylor" and args.data_path is None and not train_config:
         raise ValueError(f"importance taylor scores training images and {checkpoint} records no training data: pass --data-path DIR")
     work_dir = Path(args.work_dir) if args.work_dir else output.with_name(output.stem + "_steps")
     if args.finetune_epochs is not None:
@@ -92,9 +92,12 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
 
         overrides = [*args.finetune_set, *([f"data_path={args.data_path}"] if args.data_path else [])]
         # The recipe, the data and the device are checked now, with the unpruned file standing in for the steps' ones.
-        cfg = finetune_config(model.train_config, init_checkpoint=checkpoint, output_dir=work_dir / "step1",
+        from detection.checkpoint import load_detector
+
+        cfg = finetune_config(train_config, init_checkpoint=checkpoint, output_dir=work_dir / "step1",
                               epochs=args.finetune_epochs, lr_scale=args.finetune_lr_scale, overrides=overrides)
         preflight(cfg)
+        model = load_detector(ckpt)
         prune_detector(model, ratio=args.ratio, scope=args.scope, round_to=args.round_to, inplace=True)  # a ratio too high fails now
         args.finetune_set = overrides
     return {"args": args, "work_dir": work_dir}
