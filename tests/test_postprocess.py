@@ -20,7 +20,6 @@ from detection.postprocess import (
     read_test_options,
     set_test_options,
 )
-from helpers import run_tool
 
 TINY = dict(num_classes=4, min_size=64, max_size=128, out_channels=32, representation_size=64)
 
@@ -237,14 +236,6 @@ def test_proposals_are_refused_where_there_is_no_rpn():
         parse_test_options(args)
 
 
-def test_eval_refuses_proposals_for_an_exported_file(capped_export):
-    # The count is baked into the file: one error line before any work, not a silently ignored flag.
-    proc = run_tool(["tools/eval_coco.py", "--checkpoint", str(capped_export["onnx"]), "--proposals", "300"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "baked in at export" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
     # The benchmark's heavy rows (tools/benchmark.py --only heavy): 1000 proposals x 90 classes all pass the threshold,
     # and ours lets 5000 of them into NMS. Catches a load that is not heavy, or a benchmark model without the cap.
@@ -260,24 +251,30 @@ def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
     assert nms.seen[-1].min() > 0  # score threshold 0: the 5000 best of 90,000
 
 
-def test_infer_takes_proposals_for_a_checkpoint_and_refuses_them_for_an_exported_file(capped_export, tmp_path):
-    # tools/infer.py: the flags reach the model a .pth builds; an exported file's counts are baked in, so
-    # there the flags are one error line before any work (catches a flag parsed but never applied or silently ignored).
+def _tool(name: str):
+    """``tools/<name>.py`` as a module, to call its ``main`` in this process (no new interpreter)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("infer_tool", Path(__file__).resolve().parents[1] / "tools" / "infer.py")
-    infer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(infer)
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_and_infer_take_proposals_for_a_checkpoint_and_refuse_them_for_an_exported_file(capped_export, tmp_path, capsys):
+    # The flags reach the model a .pth builds; an exported file's counts are baked in, so there the flags are
+    # one error line before any work (catches a flag parsed but never applied, or silently ignored).
+    from PIL import Image
+
+    infer = _tool("infer")
     pth = Path(capped_export["onnx"]).with_name("model.pth")
     args = infer.parse_args(["--checkpoint", str(pth), "--input", "x.jpg", "--output", str(tmp_path / "vis"),
                              "--proposals", "7", "--box-topk-candidates", "300"])
-    rpn = infer._predictor(args).model.rpn
-    assert rpn._post_nms_top_n["testing"] == 7
-    from PIL import Image
-
+    assert infer._predictor(args).model.rpn._post_nms_top_n["testing"] == 7
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
-    proc = run_tool(["tools/infer.py", "--checkpoint", str(capped_export["onnx"]), "--input", str(tmp_path / "x.png"),
-                     "--output", str(tmp_path / "out"), "--proposals", "300"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "baked in at export" in proc.stderr
+    for tool, extra in (("eval_coco", []), ("infer", ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "out")])):
+        capsys.readouterr()
+        assert _tool(tool).main(["--checkpoint", str(capped_export["onnx"]), "--proposals", "300", *extra]) == 2, tool
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and "baked in at export" in err[0], (tool, err)
     assert not (tmp_path / "out").exists()
