@@ -50,9 +50,11 @@ from detection.evaluation import coco_evaluate
 from detection.models import build_detector
 from detection.postprocess import set_test_options
 from segmentation.models import build_segmenter
+from engine.files import read_torch_file
 from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
 
 from .fast import optimize_for_inference
+from .files import kind_of
 
 __all__ = [
     "bench_backbones",
@@ -320,8 +322,6 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
         for path in getattr(args, "checkpoints", []) if load == "light" else []:
             # Detector files (pruned ones, tools/prune.py) of this row's architecture and depth, doing its fixed work.
-            from engine.files import read_torch_file
-
             built = read_torch_file(path)["build_args"]
             if (built["arch"], built["backbone"]) != (arch, f"resnet{depth}"):
                 continue
@@ -394,8 +394,18 @@ def _seg_specs(depths: list[int]) -> dict[str, dict[str, Any]]:
     return specs
 
 
+def _seg_file_name(path: str | Path) -> str:
+    """A segmenter file's row name: its stem, or its run folder's name for a ``model_final.pth``."""
+    path = Path(path)
+    return path.parent.name if path.stem in ("model_final", "checkpoint") else path.stem
+
+
 def _build_seg_model(spec: dict[str, Any]) -> nn.Module:
     torch.manual_seed(0)
+    if spec["kind"] == "checkpoint":  # a trained segmenter file, with its own head widths and weights
+        from segmentation.checkpoint import load_segmenter
+
+        return load_segmenter(spec["path"]).eval()
     if spec["kind"] == "torchvision":
         from torchvision.models.segmentation import deeplabv3_resnet50
 
@@ -470,6 +480,9 @@ def bench_segmenters(args: argparse.Namespace, device: torch.device, rows: list[
     if device.type == "cuda":
         return _bench_segmenters_cuda(args, device, rows, side, case)
     candidates = _seg_specs(args.depths)
+    for path in getattr(args, "checkpoints", []):
+        if kind_of(read_torch_file(path)) == "segmenter":  # detector files go to the detector rows
+            candidates[_seg_file_name(path)] = {"kind": "checkpoint", "path": str(path)}
     if not args.no_export:
         export_dir = Path(args.output_dir) / "exported"
         export_dir.mkdir(parents=True, exist_ok=True)

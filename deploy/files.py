@@ -283,6 +283,23 @@ def is_exported(path: str | os.PathLike, runtime: str | None = None) -> bool:
     return Path(path).is_file() and container_of(path) != "torch"
 
 
+def check_exported_flags(path: str | os.PathLike, *, device: str | None, test_options: dict, use: str = "run") -> None:
+    """Refuse the flags an exported file cannot honour, each with the way out (``ValueError``).
+
+    Args:
+        path: the exported file (for the message).
+        device: the ``--device`` asked for; exported files run on the CPU.
+        test_options: the proposal counts and candidate cap asked for (``parse_test_options``);
+            an exported file has its own baked in.
+        use: what the tool does with a ``.pth`` instead (``"run"``, ``"evaluate"``).
+    """
+    if device == "cuda":
+        raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
+    if test_options:
+        raise ValueError(f"{path} is an exported file, whose proposal counts and candidate cap were baked in at export: "
+                         f"export it again with these flags (tools/export.py --proposals N ...), or {use} the .pth checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 

@@ -1,5 +1,7 @@
 """Fixtures shared by the test files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,13 +15,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _session_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run shares (this process's own without xdist)."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def overfit_detector(tmp_path_factory):
-    """A small Faster R-CNN overfitted on two 96-px shapes images, trained once for the whole session.
+    """A small Faster R-CNN overfitted on two 96-px shapes images, trained once for the whole run.
 
     80 AdamW steps give it confident detections (scores >= 0.5), which the fast path, the
     exported files and the CUDA checks must keep. It is shared: a test that changes it works
-    on ``copy.deepcopy(overfit_detector.model)``.
+    on ``copy.deepcopy(overfit_detector.model)``. Under pytest-xdist one worker trains it and
+    the others load its weights (a file lock; ``filelock`` comes with torch), which saves each
+    of them half a minute of training.
 
     Returns:
         ``model`` (eval mode, CPU), ``images`` (the two training images, CHW in [0, 1]) and
@@ -27,30 +39,42 @@ def overfit_detector(tmp_path_factory):
     """
     from types import SimpleNamespace
 
+    from filelock import FileLock
+
     from detection import build_detector
     from detection.data import CocoDetection, collate_fn
     from engine import shapes
 
-    torch.manual_seed(0)
-    root = shapes.generate(tmp_path_factory.mktemp("overfit_shapes"), num_train=2, num_val=2, image_size=96, seed=1)
-    data = CocoDetection(root, "train")
-    images, targets = collate_fn([data[i] for i in range(len(data))])
-    model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
-                           out_channels=64, representation_size=256)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    # Two threads whatever the machine: the summation order follows the thread count, and the tests' margins
-    # (bf16 keeps every confident detection at IoU 0.95) were set on this model; one thread trains a slightly
-    # different one that misses 1 of 12.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for _ in range(80):
-            loss = sum(model(images, targets).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    shared = _session_dir(tmp_path_factory) / "overfit_detector"
+    shared.mkdir(exist_ok=True)
+    weights = shared / "weights.pt"
+    with FileLock(str(shared / "lock")):
+        root = shared / "shapes"
+        if not weights.is_file():  # the first worker here; later ones must not rewrite files other tests may be reading
+            shapes.generate(root, num_train=2, num_val=2, image_size=96, seed=1)
+        data = CocoDetection(root, "train")
+        images, targets = collate_fn([data[i] for i in range(len(data))])
+        torch.manual_seed(0)
+        model = build_detector("faster_rcnn", num_classes=data.num_classes, min_size=96, max_size=96, returned_layers=[2, 3, 4],
+                               out_channels=64, representation_size=256)
+        if weights.is_file():
+            model.load_state_dict(torch.load(weights, weights_only=True))
+        else:
+            opt = torch.optim.AdamW(model.parameters(), 1e-3)
+            # Two threads whatever the machine: the summation order follows the thread count, and the tests' margins
+            # (bf16 keeps every confident detection at IoU 0.95) were set on this model; one thread trains a slightly
+            # different one that misses 1 of 12.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(2)
+            try:
+                for _ in range(80):
+                    loss = sum(model(images, targets).values())
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            finally:
+                torch.set_num_threads(threads)
+            torch.save(model.state_dict(), weights)
     return SimpleNamespace(model=model.eval(), images=list(images), root=root)
 
 

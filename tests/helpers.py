@@ -10,6 +10,7 @@ pytest process die of SIGSEGV two thirds of the way through, and forking the tes
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
@@ -108,6 +109,30 @@ def run_tool(
         err.seek(0)
         stdout, stderr = (f.read().decode(errors="replace") for f in (out, err))
     return subprocess.CompletedProcess([sys.executable, *args], returncode, stdout, stderr)
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module, to call its ``main`` in this process (no fork, no new interpreter).
+
+    Args:
+        name: the script's name without ``.py`` (``"infer"``).
+    """
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_error_line(err: str) -> str:
+    """The one ``error: ...`` line a tool printed for a user's mistake; fails when there are other lines.
+
+    Args:
+        err: what the tool wrote to stderr.
+    """
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def _interpreter_warnings(*, ignore: bool) -> None:

@@ -20,6 +20,7 @@ from detection.postprocess import (
     read_test_options,
     set_test_options,
 )
+from helpers import load_tool
 
 TINY = dict(num_classes=4, min_size=64, max_size=128, out_channels=32, representation_size=64)
 
@@ -251,22 +252,12 @@ def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
     assert nms.seen[-1].min() > 0  # score threshold 0: the 5000 best of 90,000
 
 
-def _tool(name: str):
-    """``tools/<name>.py`` as a module, to call its ``main`` in this process (no new interpreter)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_and_infer_take_proposals_for_a_checkpoint_and_refuse_them_for_an_exported_file(capped_export, tmp_path, capsys):
     # The flags reach the model a .pth builds; an exported file's counts are baked in, so there the flags are
     # one error line before any work (catches a flag parsed but never applied, or silently ignored).
     from PIL import Image
 
-    infer = _tool("infer")
+    infer = load_tool("infer")
     pth = Path(capped_export["onnx"]).with_name("model.pth")
     args = infer.parse_args(["--checkpoint", str(pth), "--input", "x.jpg", "--output", str(tmp_path / "vis"),
                              "--proposals", "7", "--box-topk-candidates", "300"])
@@ -274,7 +265,7 @@ def test_eval_and_infer_take_proposals_for_a_checkpoint_and_refuse_them_for_an_e
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
     for tool, extra in (("eval_coco", []), ("infer", ["--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "out")])):
         capsys.readouterr()
-        assert _tool(tool).main(["--checkpoint", str(capped_export["onnx"]), "--proposals", "300", *extra]) == 2, tool
+        assert load_tool(tool).main(["--checkpoint", str(capped_export["onnx"]), "--proposals", "300", *extra]) == 2, tool
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and "baked in at export" in err[0], (tool, err)
     assert not (tmp_path / "out").exists()

@@ -14,7 +14,6 @@ Two strong checks of correctness carry the file:
 import copy
 import importlib.util
 import json
-import sys
 
 import pytest
 import torch
@@ -34,22 +33,7 @@ from detection.pruning import (
     step_ratios,
 )
 from backbones.resnet import resnet
-from helpers import REPO, random_statistics
-
-
-def _tool(name: str):
-    """``tools/<name>.py`` as a module, to call its ``main`` in this process (no fork, no new interpreter)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+from helpers import load_tool, one_error_line, random_statistics
 
 
 # --- coupled channels: the pruned model is the unpruned one with the removed channels cut off ----
@@ -271,10 +255,10 @@ def test_every_consumer_takes_the_pruned_file(overfit_detector, pruned_file, tmp
 
     val = CocoDetection(overfit_detector.root, "val")
     expected = evaluate(overfit_detector.model, val, progress=False)["metrics"]["bbox/AP"]
-    assert _tool("eval_coco").main(["--checkpoint", str(path), "--output-dir", str(tmp_path / "eval"), "--workers", "0",
+    assert load_tool("eval_coco").main(["--checkpoint", str(path), "--output-dir", str(tmp_path / "eval"), "--workers", "0",
                                     "--device", "cpu", "--no-progress"]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["bbox/AP"] == pytest.approx(expected, abs=1e-3)
-    assert _tool("infer").main(["--checkpoint", str(path), "--input", str(overfit_detector.root / "train"),
+    assert load_tool("infer").main(["--checkpoint", str(path), "--input", str(overfit_detector.root / "train"),
                                 "--output", str(tmp_path / "vis"), "--device", "cpu"]) == 0
     found = json.loads((tmp_path / "vis" / "detections.json").read_text())
     assert sorted(len(v) for v in found.values()) == sorted(int((w["scores"] >= 0.5).sum()) for w in want)
@@ -346,7 +330,7 @@ def test_iterative_prune_finetunes_with_the_trainer_and_resumes(pruned_file, tmp
 
 
 def test_prune_tool_refuses_bad_input(pruned_file, tmp_path, capsys):
-    prune = _tool("prune")
+    prune = load_tool("prune")
     path, _, _ = pruned_file
     out = tmp_path / "out.pth"
     junk = tmp_path / "junk.pth"
@@ -371,19 +355,19 @@ def test_prune_tool_refuses_bad_input(pruned_file, tmp_path, capsys):
         assert prune.main(argv) == 2, flags
         import re
 
-        line = _error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert re.search(pattern, line), (flags, line)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "weights.pth"]  # nothing written, no temporary
 
 
 def test_a_pruned_file_where_it_cannot_go(pruned_file, tmp_path, capsys):
     path, _, _ = pruned_file
-    train = _tool("train_det")
+    train = load_tool("train_det")
     # As trunk weights its narrowed ResNet fits no standard one: pointed at --init-checkpoint instead.
     assert train.main(["--weights-backbone", str(path), "--output-dir", str(tmp_path / "run")]) == 2
-    assert "fine-tune it with --init-checkpoint" in _error_line(capsys.readouterr().err)
+    assert "fine-tune it with --init-checkpoint" in one_error_line(capsys.readouterr().err)
     # Another architecture than the file's: refused, the architecture comes from the file.
     argv = ["--model", "retinanet", "--init-checkpoint", str(path), "--output-dir", str(tmp_path / "run"), "--set", "model_kwargs={}"]
     assert train.main(argv) == 2
-    assert "holds a faster_rcnn/resnet18 detector but the run trains retinanet/resnet18" in _error_line(capsys.readouterr().err)
+    assert "holds a faster_rcnn/resnet18 detector but the run trains retinanet/resnet18" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()

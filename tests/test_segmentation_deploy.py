@@ -7,7 +7,6 @@ and the GPU check's segmentation step (its figures faked, as tests/test_check_gp
 Tiny models at 64-100 px; every export here is done once.
 """
 
-import importlib.util
 import json
 import re
 import sys
@@ -24,7 +23,7 @@ from deploy.segmenter import seg_calibration_images
 from engine.images import read_image_rgb
 from segmentation import SHAPES_SEG_CLASSES, CocoSegmentation, SegmentationPredictor, build_segmenter, load_segmenter, make_shapes, save_segmenter
 from segmentation.checkpoint import SEGMENTER_TRAINING_KEYS
-from helpers import REPO, random_statistics
+from helpers import REPO, load_tool, one_error_line, random_statistics
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -37,21 +36,6 @@ def _runtimes() -> list[str]:
         return ["onnxruntime", "openvino"]
     except ImportError:
         return ["onnxruntime"]
-
-
-def _tool(name: str):
-    """``tools/<name>.py`` as a module, to call its ``main`` in this process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _segmenter(arch: str, num_classes: int = 5, **kwargs) -> torch.nn.Module:
@@ -141,7 +125,7 @@ def deployed(tmp_path_factory):
     model = _segmenter("semantic_fpn", num_classes=len(SHAPES_SEG_CLASSES), fpn_channels=32)
     config = {"data_path": str(root), "data_format": "coco", "train_split": "train", "val_split": "val"}
     ckpt = save_segmenter(model, base / "model_final.pth", class_names=SHAPES_SEG_CLASSES, config=config)
-    export = _tool("export")
+    export = load_tool("export")
     files = {"onnx": base / "seg.onnx", "int8": base / "seg_int8.onnx", "pt": base / "seg.pt"}
     for key, flags in (("onnx", ["--export-size", "64", "64"]), ("int8", ["--export-size", "64", "64", "--int8", "--calib-images", "2"]),
                        ("pt", ["--format", "torchscript"])):
@@ -189,7 +173,7 @@ def test_int8_is_calibrated_on_the_training_pixels_and_keeps_the_labels(deployed
 
 
 def test_eval_seg_scores_each_exported_file_as_its_checkpoint(deployed, tmp_path, capsys):
-    eval_seg = _tool("eval_seg")
+    eval_seg = load_tool("eval_seg")
     cases = {"torch": [str(deployed["ckpt"])], "onnxruntime fp32": [str(deployed["onnx"])],
              "torchscript fp32": [str(deployed["pt"])], "onnxruntime int8": [str(deployed["int8"])]}
     if "openvino" in _runtimes():
@@ -225,7 +209,7 @@ def _detector_onnx(path: Path) -> Path:
 
 
 def test_bad_input_is_one_error_line_before_any_work(deployed, tmp_path, capsys, monkeypatch):
-    eval_seg, eval_coco = _tool("eval_seg"), _tool("eval_coco")
+    eval_seg, eval_coco = load_tool("eval_seg"), load_tool("eval_coco")
     seg_onnx, ckpt = str(deployed["onnx"]), str(deployed["ckpt"])
     detector = str(_detector_onnx(tmp_path / "det.onnx"))
     out = tmp_path / "out"
@@ -240,7 +224,7 @@ def test_bad_input_is_one_error_line_before_any_work(deployed, tmp_path, capsys,
     ]
     for args, message in seg_cases:
         code = eval_seg.main(["--checkpoint", *args, "--workers", "0", "--no-progress", "--output-dir", str(out)])
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert code == 2 and re.search(message, line), (args, line)
     coco_cases = [
         ([seg_onnx], r"seg.onnx is an exported segmenter \(semantic_fpn\), not a detector: score it with tools/eval_seg.py"),
@@ -249,14 +233,14 @@ def test_bad_input_is_one_error_line_before_any_work(deployed, tmp_path, capsys,
     ]
     for args, message in coco_cases:
         code = eval_coco.main(["--checkpoint", *args, "--workers", "0", "--no-progress", "--output-dir", str(out)])
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert code == 2 and re.search(message, line), (args, line)
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     assert eval_seg.main(["--checkpoint", seg_onnx, "--runtime", "openvino", "--output-dir", str(out)]) == 2
-    assert re.search("runtime 'openvino' is not installed: pip install openvino", _one_error_line(capsys.readouterr().err))
-    export = _tool("export")
+    assert re.search("runtime 'openvino' is not installed: pip install openvino", one_error_line(capsys.readouterr().err))
+    export = load_tool("export")
     code = export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "x.onnx"), "--int8", "--data-path", str(tmp_path / "nope")])
-    assert code == 2 and re.search("int8 needs calibration images; .*nope does not exist", _one_error_line(capsys.readouterr().err))
+    assert code == 2 and re.search("int8 needs calibration images; .*nope does not exist", one_error_line(capsys.readouterr().err))
     assert not out.exists() and not (tmp_path / "x.onnx").exists()
 
 
@@ -279,22 +263,26 @@ def test_seg_benchmark_rows_at_the_smallest_size(tmp_path, monkeypatch):
     # One exported model (the full run also exports Semantic FPN R18): the rows are made the same way for each.
     assert ("deeplabv3", 18, 8) in benchmark._SEG_EXPORTED
     monkeypatch.setattr(benchmark, "_SEG_EXPORTED", (("deeplabv3", 18, 8),))
-    tool = _tool("benchmark")
+    # A trained file (tools/train_seg.py) is timed as built: its class count, its head widths.
+    (tmp_path / "fcn_run").mkdir()
+    trained = save_segmenter(_segmenter("fcn", num_classes=7), tmp_path / "fcn_run" / "model_final.pth", class_names=SHAPES_SEG_CLASSES)
+    tool = load_tool("benchmark")
     # --in-process: each candidate timed here, not in a spawned process (~5 s of imports each; the spawned path
     # itself is tests/test_benchmark.py's).
     assert tool.main(["--only", "seg", "--quick", "--size", "32", "--depths", "18", "--reps", "1", "--warmup", "0",
-                      "--in-process", "--output-dir", str(tmp_path)]) == 0
+                      "--in-process", "--output-dir", str(tmp_path), "--checkpoints", str(trained)]) == 0
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
     assert {r["group"] for r in rows} == {"segmenter inference"} and {r["case"] for r in rows} == {"1x32x32, 21 classes"}
     candidates = {r["candidate"]: r for r in rows}
-    expected = {"torchvision deeplabv3_resnet50", "deeplabv3 R18 OS8", "deeplabv3 R18 OS16", "semantic_fpn R18"}
+    expected = {"torchvision deeplabv3_resnet50", "deeplabv3 R18 OS8", "deeplabv3 R18 OS16", "semantic_fpn R18", "fcn_run"}  # its run folder
     expected |= {"deeplabv3 R18 OS8 onnxruntime fp32", "deeplabv3 R18 OS8 onnxruntime int8"}
     if "openvino" in _runtimes():
         expected |= {f"deeplabv3 R18 OS8 openvino {p}" for p in ("fp32", "bf16", "int8")}
     assert set(candidates) == expected  # ResNet-34 rows only with --depths 34
     assert candidates["torchvision deeplabv3_resnet50"]["ratio"] == 1.0
     for r in rows:
-        assert r["output"] == [1, 21, 32, 32] and r["seconds"] > 0 and r["ratio"] > 0 and r["peak_mb"] >= 0
+        classes = 7 if r["candidate"] == "fcn_run" else 21
+        assert r["output"] == [1, classes, 32, 32] and r["seconds"] > 0 and r["ratio"] > 0 and r["peak_mb"] >= 0
     assert set(benchmark._seg_specs([18, 34])) >= {"deeplabv3 R34 OS8", "deeplabv3 R34 OS16"}
 
 
@@ -318,7 +306,7 @@ def test_gpu_check_trains_the_shapes_seg_recipe_and_reads_its_figures(tmp_path):
     assert seg[1] == "tools/train_seg.py" and seg[seg.index("--config") + 1] == cg.SEG_RECIPE
     assert (REPO / "configs" / f"{cg.SEG_RECIPE}.yaml").is_file()
     assert "--amp" in seg and seg[seg.index("--device") + 1] == "cuda" and seg[seg.index("--max-iters") + 1] == str(cg.SEG_TRAIN_ITERS)
-    parsed = _tool("train_seg").parse_args(seg[2:])  # every flag is one train_seg.py takes
+    parsed = load_tool("train_seg").parse_args(seg[2:])  # every flag is one train_seg.py takes
     assert parsed.amp and parsed.max_iters == cg.SEG_TRAIN_ITERS and parsed.set == ["eval_period=0"]
 
     _fake_seg_run(tmp_path / "ok", [2.0, 1.5, 1.2, 1.0], miou=41.5)

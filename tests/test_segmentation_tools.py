@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, one_error_line
+
 sys.path.insert(0, str(REPO / "tools"))
 
 import eval_seg  # noqa: E402
@@ -46,12 +47,6 @@ def cache(trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return trained.parent / "cache"
 
 
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 def test_train_seg_writes_the_run_and_prints_the_metrics(trained: Path, capsys) -> None:
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "checkpoint.pth", "model_final.pth", "metrics.json", "curves.png"):
         assert (trained / name).is_file(), name
@@ -78,7 +73,7 @@ def test_train_seg_bad_input_is_one_error_line_before_any_work(tmp_path, monkeyp
     out = tmp_path / "run"
     code = train_seg.main(["--output-dir", str(out), "--device", "cpu", "--no-progress",
                            *[a.format(tmp=tmp_path) for a in args]])
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert code == 2 and re.search(message, line), line
     assert not out.exists() and not (tmp_path / "cache").exists()
 
@@ -131,7 +126,7 @@ def test_eval_seg_bad_input_is_one_error_line(trained: Path, cache: Path, tmp_pa
         if "--output-dir" not in args:
             args = [*args, "--output-dir", str(tmp_path / "out")]
         code = eval_seg.main([*args, "--device", "cpu", "--workers", "0", "--no-progress"])
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert code == 2 and re.search(message, line), (args, line)
         assert not (tmp_path / "out").exists()
 
@@ -190,7 +185,7 @@ def test_infer_seg_bad_input_is_one_error_line_and_writes_nothing(trained: Path,
     ]
     for args, message in cases:
         code = infer_seg.main([*args, "--device", "cpu"])
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert code == 2 and re.search(message, line), (args, line)
         assert not (tmp_path / "out").exists()
 

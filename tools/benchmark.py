@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="detector rows: proposals per image (rpn_post_nms_top_n_test) for every candidate, instead of 1000")
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="PATH",
                    help="detector rows: also time these Faster/Mask R-CNN files (e.g. pruned by tools/prune.py) in the row of their "
-                        "architecture and depth, doing the same fixed work: eager, and their exported fp32/int8 files unless --no-export")
+                        "architecture and depth, doing the same fixed work: eager, and their exported fp32/int8 files unless --no-export; "
+                        "seg rows: also time these segmenter files (tools/train_seg.py), eager, at the rows' size")
     p.add_argument("--in-process", action="store_true",
                    help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
                         "(candidates share the allocator and thread pools, so do not compare them this way)")
@@ -76,8 +77,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             info = identify(path)
         except (OSError, WeightsError) as e:
             return fail(e)
-        if info.kind not in ("detector", "training_state"):
-            return fail(f"--checkpoints {path} is not a detector checkpoint (it is a {info.kind!r} file)")
+        if info.kind not in ("detector", "training_state", "segmenter"):
+            return fail(f"--checkpoints {path} is not a detector or segmenter file (it is a {info.kind!r} file)")
     device = torch.device(args.device)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -48,7 +48,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from detection.data import CocoDetection
     from engine.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
-    from deploy.files import is_exported
+    from deploy.files import check_exported_flags, is_exported
     from deploy.predictor import Predictor
     from detection.postprocess import parse_test_options, set_test_options
 
@@ -60,11 +60,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
         exported = is_exported(path, args.runtime)
-        if exported and args.device == "cuda":
-            raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
-        if exported and test_options:
-            raise ValueError(f"{path} is an exported file, whose proposal counts and candidate cap were baked in at export: "
-                             f"export it again with these flags (tools/export.py --proposals N ...), or evaluate the .pth checkpoint")
+        if exported:
+            check_exported_flags(path, device=args.device, test_options=test_options, use="evaluate")
         device = "cpu" if exported else resolve_device(args.device)
         device = str(dist_utils.init_distributed(device))
         predictor = Predictor(path, runtime=args.runtime, device=device, fast=args.fast, dtype=parse_dtype(args.dtype))

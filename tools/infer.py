@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
-from deploy.files import RUNTIMES, is_exported
+from deploy.files import RUNTIMES, check_exported_flags, is_exported
 from deploy.inputs import check_output_folder, image_files
 from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
 from detection.postprocess import add_test_option_args
@@ -123,11 +123,8 @@ def _predictor(args: argparse.Namespace):
 
     test_options = parse_test_options(args)
     exported = is_exported(args.checkpoint, args.runtime)
-    if exported and args.device == "cuda":
-        raise ValueError("exported models run on the CPU (ONNX Runtime / OpenVINO); drop --device cuda or use the .pth checkpoint")
-    if exported and test_options:
-        raise ValueError(f"{args.checkpoint} is an exported file, whose proposal counts and candidate cap were baked in at export: "
-                         f"export it again with these flags (tools/export.py --proposals N ...), or run the .pth checkpoint")
+    if exported:
+        check_exported_flags(args.checkpoint, device=args.device, test_options=test_options, use="run")
     device = "cpu" if exported else resolve_device(args.device)
     predictor = Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
                           fast=args.fast, dtype=parse_dtype(args.dtype), precision=args.precision)
