@@ -285,6 +285,21 @@ def _exported_candidates(
     return {name: {"kind": "exported", **spec} for name, spec in specs.items()}
 
 
+def detector_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The detector rows' ``(min_size, max_size)`` and image ``(height, width)``.
+
+    800x1216 by default (both sides divisible by 32, as the issue's timings), ``--quick``:
+    ``size x 1.52 size``; ``--image H W`` (``args.image``) any image, which the models'
+    resize then leaves as it is (short side = ``min_size``, long side within ``max_size``).
+    """
+    image = getattr(args, "image", None)
+    if image:
+        height, width = image
+        return (min(height, width), max(1333, height, width)), (height, width)
+    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
+    return size, (size[0], int(size[0] * 1.52))
+
+
 def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict], *, load: str = "light") -> None:
     """Detector inference rows: every candidate doing the fixed work (``load="light"``) or at the heavy load (``set_heavy_load``)."""
     if load not in LOADS:
@@ -295,8 +310,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             logger.warning("the heavy-load detector rows are CPU rows (one process per candidate): skipped on CUDA")
             return None
         return _bench_detectors_cuda(args, device, rows)
-    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
-    image = (size[0], int(size[0] * 1.52))  # 800x1216: both sides divisible by 32, as the issue's timings
+    size, image = detector_sizes(args)
     low = "bfloat16"
     export_dir = Path(args.output_dir) / "exported"
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -352,8 +366,8 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
 
 
 def _bench_detectors_cuda(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
-    size = (800, 1333) if not args.quick else (args.size, args.size * 3 // 2)
-    image = [torch.rand(3, size[0], int(size[0] * 1.52), device=device)]
+    size, (height, width) = detector_sizes(args)
+    image = [torch.rand(3, height, width, device=device)]
     for arch in args.archs:
         for depth in args.depths:
             models = _detector_pairs(arch, depth, size, proposals=getattr(args, "proposals", None))

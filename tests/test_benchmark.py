@@ -54,3 +54,17 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         pass
     assert (tmp_path / "benchmark.png").stat().st_size > 0
     assert "ratio" in proc.stdout
+
+
+def test_detector_rows_take_any_image_size_and_refuse_a_tiny_one(capsys):
+    from argparse import Namespace
+
+    from helpers import load_tool, one_error_line
+
+    assert benchmark.detector_sizes(Namespace(quick=False, size=320)) == ((800, 1333), (800, 1216))
+    assert benchmark.detector_sizes(Namespace(quick=True, size=64)) == ((64, 96), (64, 97))
+    # A camera's 480x640 stays 480x640 through the models' resize (short side 480, long side within 1333).
+    assert benchmark.detector_sizes(Namespace(quick=False, size=320, image=[480, 640])) == ((480, 1333), (480, 640))
+    assert benchmark.detector_sizes(Namespace(quick=True, size=64, image=[720, 1280])) == ((720, 1333), (720, 1280))
+    assert load_tool("benchmark").main(["--image", "16", "640", "--only", "detector"]) == 2
+    assert "--image must be at least 32 x 32 pixels, got 16 x 640" in one_error_line(capsys.readouterr().err)

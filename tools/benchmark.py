@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed repetitions per candidate (default 7, quick 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--size", type=int, default=320, help="--quick: shorter image side (segmenters: the side of a square image)")
+    p.add_argument("--image", type=int, nargs=2, metavar=("H", "W"),
+                   help="detector rows: images of H x W (e.g. 480 640), left at that size by the models' resize; default 800x1216")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
     p.add_argument("--archs", nargs="+", default=["faster_rcnn", "mask_rcnn"], choices=["faster_rcnn", "mask_rcnn"],
                    help="detectors timed by the detector step")
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 def _benchmark(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         return fail("--device cuda but CUDA is not available")
+    if args.image is not None and min(args.image) < 32:
+        return fail(f"--image must be at least 32 x 32 pixels, got {args.image[0]} x {args.image[1]}")
     if args.proposals is not None and args.proposals < 1:
         return fail(f"--proposals must be a positive integer, got {args.proposals}")
     for path in args.checkpoints:
