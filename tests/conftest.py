@@ -6,6 +6,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _no_console_handler_left_behind():
+    """A tool run in-process leaves its console handler on this test's captured stderr, closed once
+    the test ends; the next record logged in this worker would print a "Logging error" there."""
+    yield
+    from engine.logs import setup_logging
+
+    setup_logging(console=False)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: faster for tiny tensors, and it does not fight other processes for the cores."""
