@@ -19,7 +19,7 @@ in a background thread, OpenVINO requests in flight) and writes ``annotated.mp4`
 the source's size and frame rate, ``DEFAULT_FPS`` where the source has none) and
 ``detections.jsonl`` (one line per processed frame, flushed as written). The video is
 written under a temporary name and renamed when it is finalised, also when the run stops
-early (``stop`` set, e.g. by :func:`stop_on_sigint`, or Ctrl-C), so ``annotated.mp4``,
+early (``stop`` set, e.g. by :func:`stop_on_signals`: Ctrl-C or SIGTERM), so ``annotated.mp4``,
 when it exists, always plays.
 """
 
@@ -56,7 +56,8 @@ __all__ = [
     "input_kind",
     "open_frame_folder",
     "open_source",
-    "stop_on_sigint",
+    "StopRequest",
+    "stop_on_signals",
 ]
 
 log = logging.getLogger(__name__)
@@ -626,13 +627,26 @@ def annotate_video(
                     detections=out / JSONL_NAME, interrupted=interrupted)
 
 
+class StopRequest(threading.Event):
+    """A stop flag that remembers the signal which set it (``signum``; ``None`` when set by code)."""
+
+    signum: int | None = None
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 @contextlib.contextmanager
-def stop_on_sigint(stop: threading.Event) -> Iterator[threading.Event]:
-    """While the block runs, the first Ctrl-C (SIGINT) sets ``stop`` instead of raising; a second one raises ``KeyboardInterrupt``.
+def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
+    """While the block runs, the first Ctrl-C (SIGINT) or SIGTERM sets ``stop`` instead of ending the process.
 
     A loop that checks ``stop`` after each frame then ends with every file whole and the
-    video and the JSON lines agreeing frame for frame. Outside the main thread (where
-    signal handlers cannot be set) the block runs unchanged.
+    video and the JSON lines agreeing frame for frame: ``docker stop`` and ``systemctl
+    stop`` (SIGTERM) leave what Ctrl-C leaves. A second signal stops at once, through the
+    normal unwinding (so ``finally`` blocks still finalise files): a second signal, either one: SIGINT raises
+    ``KeyboardInterrupt``, SIGTERM ``SystemExit(143)``. When ``stop`` is a
+    :class:`StopRequest`, its ``signum`` records the first signal. Outside the main thread
+    (where signal handlers cannot be set) the block runs unchanged.
 
     Args:
         stop: the event to set.
@@ -640,14 +654,25 @@ def stop_on_sigint(stop: threading.Event) -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {signum: signal.getsignal(signum) for signum in signums}
 
-    def handler(signum: int, frame: Any) -> None:
+    def again(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def first(signum: int, frame: Any) -> None:
+        if isinstance(stop, StopRequest) and stop.signum is None:
+            stop.signum = signum
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for each in signums:
+            signal.signal(each, again)
 
-    signal.signal(signal.SIGINT, handler)
+    for signum in signums:
+        signal.signal(signum, first)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

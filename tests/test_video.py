@@ -312,7 +312,8 @@ def test_annotated_frames_keep_their_colours_and_stop_ends_after_the_frame(model
     assert not run.interrupted and run.frames == 2 and len(_lines(run.detections)) == 2
 
 
-def test_ctrl_c_leaves_a_playable_video_and_whole_lines(checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_leaves_a_playable_video_and_whole_lines(checkpoint: Path, tmp_path: Path, signum: int, code: int) -> None:
     # Long enough that the run cannot end before the signal: 1504 frames of 64 x 48.
     frames = [cv2.resize(f, (64, 48)) for f in _scene_frames(8, seed=4)]
     clip = _write_video(tmp_path / "long.mp4", frames * 188)
@@ -326,12 +327,12 @@ def test_ctrl_c_leaves_a_playable_video_and_whole_lines(checkpoint: Path, tmp_pa
         while not (lines_file.exists() and lines_file.read_bytes().count(b"\n") >= 1):
             assert proc.poll() is None and time.monotonic() < deadline, "the tool ended or stalled before its first frame"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == code, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.startswith("interrupted")]
     assert len(said) == 1 and "complete up to there" in said[0], stderr[-3000:]
     lines = _lines(out / "detections.jsonl")  # every line whole JSON, the file ends with a newline
@@ -340,3 +341,24 @@ def test_ctrl_c_leaves_a_playable_video_and_whole_lines(checkpoint: Path, tmp_pa
     assert [line["frame"] for line in lines] == list(range(len(lines)))
     assert sorted(p.name for p in out.iterdir()) == ["annotated.mp4", "detections.jsonl"]
     assert os.path.getsize(out / "annotated.mp4") > 0
+
+
+@pytest.mark.parametrize("first, second, raised, code", [
+    (signal.SIGTERM, signal.SIGTERM, SystemExit, 143),
+    (signal.SIGINT, signal.SIGINT, KeyboardInterrupt, None),
+    (signal.SIGTERM, signal.SIGINT, KeyboardInterrupt, None),
+])
+def test_a_second_signal_stops_at_once_and_the_handlers_come_back(first: int, second: int, raised: type, code: int | None) -> None:
+    from deploy.video import StopRequest, stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopRequest()
+    with pytest.raises(raised) as caught, stop_on_signals(stop):
+        os.kill(os.getpid(), first)
+        assert stop.is_set() and stop.signum == first  # the first one only asks the loop to stop
+        os.kill(os.getpid(), second)
+        pytest.fail("a second signal must end the block")
+    assert stop.signum == first
+    if code is not None:
+        assert caught.value.code == code
+    assert {s: signal.getsignal(s) for s in before} == before

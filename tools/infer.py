@@ -11,8 +11,8 @@
 Videos, cameras, stream URLs and (with --frames) folders of frames give ``annotated.mp4`` (the
 source's size and frame rate, --fps where it has none) and ``detections.jsonl`` (a line per
 frame: ``frame``, ``time`` in seconds, ``detections``); a frame that cannot be decoded is
-skipped and counted; a live source that drops is reopened --reconnect times. Ctrl-C stops
-after the current frame with both files whole (exit 130). See docs/video.md.
+skipped and counted; a live source that drops is reopened --reconnect times. Ctrl-C or SIGTERM
+stops after the current frame with both files whole (exit 130 / 143). See docs/video.md.
 
 Writes one PNG per input, named after the whole file name (``a.jpg`` -> ``a.jpg.png``, so
 ``a.jpg`` and ``a.png`` never overwrite each other), and detections.json. A folder is walked
@@ -133,18 +133,16 @@ def _predictor(args: argparse.Namespace):
 
 
 def _video(args: argparse.Namespace, predictor, source, out_dir: Path) -> int:
-    import threading
+    from deploy.video import StopRequest, annotate_video, stop_on_signals
 
-    from deploy.video import annotate_video, stop_on_sigint
-
-    stop = threading.Event()
-    with stop_on_sigint(stop):
+    stop = StopRequest()
+    with stop_on_signals(stop):
         run = annotate_video(predictor, source, out_dir, fps=args.fps or DEFAULT_FPS, requests=args.requests or 1,
                              streams=args.streams, max_frames=args.max_frames, stop=stop)
     wrote = f"{run.video.name} and {run.detections.name}" if run.video else f"{run.detections.name} (no frame, so no video)"
     if run.interrupted:
         print(f"interrupted after {run.frames} frames: {wrote} in {out_dir} are complete up to there", file=sys.stderr)
-        return 130
+        return 128 + stop.signum if stop.signum else 130  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"wrote {run.frames} frames to {out_dir}: {wrote}" + (f" ({run.skipped} skipped)" if run.skipped else ""))
     return 0
 
