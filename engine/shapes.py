@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-__all__ = ["SHAPES_CLASSES", "generate", "render_image"]
+__all__ = ["SHAPES_CLASSES", "generate", "render_image", "scene_frames"]
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "ellipse")
 
@@ -185,6 +185,22 @@ def render_image(
         )
     return image, objects
 
+
+def scene_frames(height: int, width: int, count: int, *, seed: int = 0, step: int = 3) -> list[np.ndarray]:
+    """Frames of a video panning across one shapes scene ``step`` pixels a frame, so every object moves.
+
+    Args:
+        height: frame height in pixels.
+        width: frame width in pixels.
+        count: number of frames.
+        seed: the scene's random seed.
+        step: pixels the view moves right from one frame to the next.
+
+    Returns:
+        ``count`` RGB uint8 arrays of ``height`` x ``width`` x 3.
+    """
+    scene, _ = render_image(np.random.default_rng(seed), height, width + step * count)
+    return [np.ascontiguousarray(scene[:, step * i:step * i + width]) for i in range(count)]
 
 def _image_size(rng: np.random.Generator, image_size: int) -> tuple[int, int]:
     short = int(round(0.75 * image_size))

@@ -27,7 +27,7 @@ from PIL import Image
 from deploy import Predictor
 from deploy.video import CaptureSource, FolderSource, annotate_video, input_kind, open_source
 from detection import build_detector, save_detector
-from engine.shapes import render_image
+from engine.shapes import scene_frames
 from helpers import REPO, run_tool, tool_env
 
 MAPPING = {"cat_ids": [7, 3], "names": ["猫", "dog"]}
@@ -64,9 +64,7 @@ def onnx_file(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _scene_frames(count: int, seed: int = 0) -> list[np.ndarray]:
-    """RGB frames panning across one shapes scene 3 pixels a frame, so every object moves."""
-    scene, _ = render_image(np.random.default_rng(seed), HEIGHT, WIDTH + 3 * count)
-    return [np.ascontiguousarray(scene[:, 3 * i:3 * i + WIDTH]) for i in range(count)]
+    return scene_frames(HEIGHT, WIDTH, count, seed=seed)
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: float = FPS) -> Path:

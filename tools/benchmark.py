@@ -6,6 +6,7 @@
     python tools/benchmark.py --only heavy       # the same at the heavy load: 90,000 candidate boxes (score 0, NMS 1.0)
     python tools/benchmark.py --only detector --proposals 300   # every detector at 300 proposals instead of 1000
     python tools/benchmark.py --only seg         # segmenters at 520x520 beside torchvision's deeplabv3_resnet50
+    python tools/benchmark.py --only video --checkpoints model_final.pth   # frames/s on a shapes clip, end to end and per stage
     python tools/benchmark.py --device cuda
 
 Writes ``benchmark.json`` and ``benchmark.png`` to ``--output-dir``.
@@ -22,10 +23,12 @@ from pathlib import Path
 import torch
 
 from deploy.benchmark import bench_backbones, bench_coco_eval, bench_detectors, bench_segmenters, bench_training, format_table, plot
+from deploy.video_benchmark import bench_video, format_video_table
 from engine.cli import fail, run_tool
 
 
-STEPS = ("backbone", "detector", "heavy", "seg", "train", "eval")
+STEPS = ("backbone", "detector", "heavy", "seg", "train", "eval", "video")
+DEFAULT_STEPS = [step for step in STEPS if step != "video"]  # the video rows need detector files (--checkpoints)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,19 +39,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--size", type=int, default=320, help="--quick: shorter image side (segmenters: the side of a square image)")
     p.add_argument("--image", type=int, nargs=2, metavar=("H", "W"),
-                   help="detector rows: images of H x W (e.g. 480 640), left at that size by the models' resize; default 800x1216")
+                   help="detector rows: images of H x W (e.g. 480 640), left at that size by the models' resize; default 800x1216; "
+                        "video rows: the clip's frame size (default 480x640 and 720x1280)")
+    p.add_argument("--video-frames", type=int, default=60, metavar="N", help="video rows: frames run end to end per candidate (default 60)")
     p.add_argument("--depths", type=int, nargs="+", default=[18, 34], choices=[18, 34])
     p.add_argument("--archs", nargs="+", default=["faster_rcnn", "mask_rcnn"], choices=["faster_rcnn", "mask_rcnn"],
                    help="detectors timed by the detector step")
-    p.add_argument("--only", nargs="+", choices=list(STEPS), default=list(STEPS),
+    p.add_argument("--only", nargs="+", choices=list(STEPS), default=DEFAULT_STEPS,
                    help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; heavy: detector inference "
-                        "where post-processing is the work (score threshold 0, NMS 1.0: 90,000 candidates); train: detector steps; eval: COCOeval")
+                        "where post-processing is the work (score threshold 0, NMS 1.0: 90,000 candidates); train: detector steps; eval: "
+                        "COCOeval; video (not in the default): frames/s end to end and per stage of the --checkpoints detector files on a "
+                        "shapes clip (deploy.video_benchmark). Default: all but video")
     p.add_argument("--proposals", type=int, metavar="N",
                    help="detector rows: proposals per image (rpn_post_nms_top_n_test) for every candidate, instead of 1000")
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="PATH",
                    help="detector rows: also time these Faster/Mask R-CNN files (e.g. pruned by tools/prune.py) in the row of their "
                         "architecture and depth, doing the same fixed work: eager, and their exported fp32/int8 files unless --no-export; "
-                        "seg rows: also time these segmenter files (tools/train_seg.py), eager, at the rows' size")
+                        "seg rows: also time these segmenter files (tools/train_seg.py), eager, at the rows' size; video rows: the "
+                        "detector files to run on the clip (required there)")
     p.add_argument("--in-process", action="store_true",
                    help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
                         "(candidates share the allocator and thread pools, so do not compare them this way)")
@@ -71,18 +79,22 @@ def _benchmark(args: argparse.Namespace) -> int:
         return fail("--device cuda but CUDA is not available")
     if args.image is not None and min(args.image) < 32:
         return fail(f"--image must be at least 32 x 32 pixels, got {args.image[0]} x {args.image[1]}")
+    if "video" in args.only and args.video_frames < 1:
+        return fail(f"--video-frames must be a positive integer, got {args.video_frames}")
     if args.proposals is not None and args.proposals < 1:
         return fail(f"--proposals must be a positive integer, got {args.proposals}")
-    for path in args.checkpoints:
-        from backbones.weights import WeightsError
-        from deploy.files import identify
+    from backbones.weights import WeightsError
+    from deploy.files import identify
 
+    for path in args.checkpoints:
         try:
             info = identify(path)
         except (OSError, WeightsError) as e:
             return fail(e)
         if info.kind not in ("detector", "training_state", "segmenter"):
             return fail(f"--checkpoints {path} is not a detector or segmenter file (it is a {info.kind!r} file)")
+    if "video" in args.only and not any(identify(p).kind in ("detector", "training_state") for p in args.checkpoints):
+        return fail("--only video needs --checkpoints naming at least one Faster/Mask R-CNN file to run on the clip")
     device = torch.device(args.device)
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -95,10 +107,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     steps = {"backbone": lambda: bench_backbones(args, device, rows), "detector": lambda: bench_detectors(args, device, rows),
              "heavy": lambda: bench_detectors(args, device, rows, load="heavy"),
              "seg": lambda: bench_segmenters(args, device, rows), "train": lambda: bench_training(args, device, rows),
-             "eval": lambda: bench_coco_eval(args, rows)}
+             "eval": lambda: bench_coco_eval(args, rows), "video": lambda: bench_video(args, rows)}
     for name in args.only:
         steps[name]()
         print(format_table(rows))
+    if "video" in args.only:
+        print(format_video_table(rows))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=1))
