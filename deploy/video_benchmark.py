@@ -7,9 +7,10 @@ clip's own size: its resize is set to the frame (short side = the frame's, no sc
 because a model trained on 128-pixel shapes would otherwise shrink every frame to 128 pixels
 and time a toy; the file's score threshold (0.5 for drawing), its NMS and its detections are
 its own, so the post-processing does the work the frames give it. Each candidate runs in a
-process of its own with the same threads (``engine.timing.run_in_own_process``):
+process of its own with the same threads (``engine.timing.run_in_own_process``), is warmed
+up on a few frames, then timed twice:
 
-- **stages**, frame after frame with nothing overlapped (after one frame of warm-up): decode
+- **stages**, after the end-to-end run, frame after frame with nothing overlapped: decode
   (``cv2.VideoCapture.read`` + BGR to RGB), to tensor, the model (pre-processing, inference
   and post-processing inside the detector or file), to :class:`deploy.Prediction`, drawing
   (``draw_detections`` at the frame's size) and encoding (``cv2.VideoWriter``); medians in ms.
@@ -50,6 +51,7 @@ __all__ = ["DEFAULT_VIDEO_SIZES", "bench_video", "time_video", "torchvision_twin
 logger = logging.getLogger(__name__)
 
 DEFAULT_VIDEO_SIZES = ((480, 640), (720, 1280))
+WARMUP_FRAMES = 3
 STAGES = ("decode", "to_tensor", "model", "to_prediction", "draw", "encode")
 
 
@@ -197,25 +199,25 @@ def _stage_times(predictor: Any, clip: str, frames: int, out_dir: Path) -> tuple
 
 
 def time_video(spec: dict[str, Any], queue: Any) -> None:
-    """Timing process of one candidate: stage medians, then the end-to-end run (``annotate_video``)."""
+    """Timing process of one candidate: warm-up, the end-to-end run (``annotate_video``), then the stage medians."""
     try:
+        import cv2
+
         from deploy.video import annotate_video, open_source
 
         torch.set_num_threads(spec["threads"])
         predictor = _predictor(spec)
+        requests, streams = spec.get("requests", 1), spec.get("streams")
+        capture = cv2.VideoCapture(spec["clip"])
+        warm = [cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB) for _ in range(WARMUP_FRAMES + requests)]
+        capture.release()
+        # Before any clock: first calls allocate, OpenVINO compiles the streaming model and creates its requests.
+        for _ in predictor.stream(warm, requests=requests, streams=streams):
+            pass
         with tempfile.TemporaryDirectory() as tmp:
-            stages, detections = _stage_times(predictor, spec["clip"], spec["stage_frames"], Path(tmp))
-            requests, streams = spec.get("requests", 1), spec.get("streams")
-            if requests > 1 or streams:  # compile the streaming model and create its requests before the clock starts
-                import cv2
-
-                capture = cv2.VideoCapture(spec["clip"])
-                warm = [cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB) for _ in range(requests + 1)]
-                capture.release()
-                for _ in predictor.stream(warm, requests=requests, streams=streams):
-                    pass
             run = annotate_video(predictor, open_source(spec["clip"]), Path(tmp) / "run", requests=requests, streams=streams,
                                  max_frames=spec["frames"], progress=False)
+            stages, detections = _stage_times(predictor, spec["clip"], spec["stage_frames"], Path(tmp))
         queue.put({"fps": run.fps, "frames": run.frames, "stages_ms": stages, "detections": detections})
     except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
