@@ -62,7 +62,10 @@ def test_the_torchvision_twin_gives_our_detections_and_refuses_widths_it_cannot_
 
     from detection.pruning import prune_detector
 
-    pruned = prune_detector(model, ratio=0.5, scope="pyramid").model
+    narrower = prune_detector(model, ratio=0.5, scope="pyramid").model  # one narrower pyramid width: torchvision's FPN takes it
+    with torch.no_grad():
+        torch.testing.assert_close(torchvision_twin(narrower)(images)[0]["boxes"], narrower(images)[0]["boxes"])
+    pruned = prune_detector(model, ratio=0.5, scope="trunk").model  # blocks narrower inside: torchvision's ResNet cannot
     with pytest.raises(ValueError, match="cannot hold"):
         torchvision_twin(pruned)
 
