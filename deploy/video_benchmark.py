@@ -23,7 +23,8 @@ up on a few frames, then timed twice:
 Candidates, per file: ours eager, the fast path (BN folded, channels-last, bfloat16 trunk), the
 exported fp32 and int8 files (int8 calibrated on frames of the clip) under ONNX Runtime and
 OpenVINO (fp32, bf16, int8; int8 also with two requests in flight, and with two requests on two
-CPU streams), and torchvision eager: the same detector and weights in torchvision's own classes
+CPU streams); the fast path and the int8 files also with ``prefetch=0`` (no decoding thread: on two
+cores that thread competes with the runtime's own), and torchvision eager: the same detector and weights in torchvision's own classes
 (``BackboneWithFPN`` on ``torchvision.models.resnet*``, ``RoIHeads`` without our candidate cap),
 for files whose widths torchvision's classes can hold (not a pruned file). Ratios are to the
 torchvision eager row of the same clip size (the first such row), else to the first row.
@@ -216,7 +217,7 @@ def time_video(spec: dict[str, Any], queue: Any) -> None:
             pass
         with tempfile.TemporaryDirectory() as tmp:
             run = annotate_video(predictor, open_source(spec["clip"]), Path(tmp) / "run", requests=requests, streams=streams,
-                                 max_frames=spec["frames"], progress=False)
+                                 prefetch=spec.get("prefetch", 2), max_frames=spec["frames"], progress=False)
             stages, detections = _stage_times(predictor, spec["clip"], spec["stage_frames"], Path(tmp))
         queue.put({"fps": run.fps, "frames": run.frames, "stages_ms": stages, "detections": detections})
     except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
@@ -250,14 +251,17 @@ def _candidates(path: str, files: dict[str, str] | None) -> dict[str, dict[str, 
         "torchvision eager": {"kind": "torchvision"},
         "ours eager": {"kind": "ours"},
         "ours fast bfloat16": {"kind": "fast"},
+        "ours fast bfloat16, no prefetch": {"kind": "fast", "prefetch": 0},
     }
     if files:
         candidates.update({
             "onnxruntime fp32": {"kind": "exported", "file": files["fp32"], "runtime": "onnxruntime"},
             "onnxruntime int8": {"kind": "exported", "file": files["int8"], "runtime": "onnxruntime"},
+            "onnxruntime int8, no prefetch": {"kind": "exported", "file": files["int8"], "runtime": "onnxruntime", "prefetch": 0},
             "openvino fp32": {"kind": "exported", "file": files["fp32"], "runtime": "openvino", "precision": "fp32"},
             "openvino bf16": {"kind": "exported", "file": files["fp32"], "runtime": "openvino", "precision": "bf16"},
             "openvino int8": {"kind": "exported", "file": files["int8"], "runtime": "openvino", "precision": "fp32"},
+            "openvino int8, no prefetch": {"kind": "exported", "file": files["int8"], "runtime": "openvino", "precision": "fp32", "prefetch": 0},
             "openvino int8, 2 requests": {"kind": "exported", "file": files["int8"], "runtime": "openvino", "precision": "fp32",
                                           "requests": 2},
             "openvino int8, 2 requests, 2 streams": {"kind": "exported", "file": files["int8"], "runtime": "openvino",

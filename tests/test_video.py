@@ -360,3 +360,20 @@ def test_a_second_signal_stops_at_once_and_the_handlers_come_back(first: int, se
     if code is not None:
         assert caught.value.code == code
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_video_flags_out_of_range_or_for_images_are_one_error_line(checkpoint: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import load_tool, one_error_line
+
+    clip = _write_video(tmp_path / "clip.mp4", _scene_frames(2))
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_scene_frames(1)[0]).save(photo)
+    tool = load_tool("infer")
+    for flags, said in ((["--input", str(clip), "--prefetch", "-1"], "--prefetch must be >= 0, got -1"),
+                        (["--input", str(clip), "--requests", "0"], "--requests must be >= 1, got 0"),
+                        (["--input", str(clip), "--requests", "2"], "--requests and --streams are for --runtime openvino"),
+                        (["--input", str(photo), "--prefetch", "0"], "--prefetch is for videos, cameras, streams and --frames folders")):
+        assert tool.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), *flags]) == 2, flags
+        assert said in one_error_line(capsys.readouterr().err), flags
+        assert not (tmp_path / "out").exists()

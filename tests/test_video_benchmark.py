@@ -82,8 +82,9 @@ def test_video_rows_have_end_to_end_and_stage_times_for_every_runtime(tmp_path: 
     rows = json.loads((out / "benchmark.json").read_text())["rows"]
     assert {r["group"] for r in rows} == {"video"}
     names = [r["candidate"] for r in rows]
-    assert names == ["torchvision eager", "ours eager", "ours fast bfloat16", "onnxruntime fp32", "onnxruntime int8", "openvino fp32",
-                     "openvino bf16", "openvino int8", "openvino int8, 2 requests", "openvino int8, 2 requests, 2 streams"]
+    assert names == ["torchvision eager", "ours eager", "ours fast bfloat16", "ours fast bfloat16, no prefetch", "onnxruntime fp32",
+                     "onnxruntime int8", "onnxruntime int8, no prefetch", "openvino fp32", "openvino bf16", "openvino int8",
+                     "openvino int8, no prefetch", "openvino int8, 2 requests", "openvino int8, 2 requests, 2 streams"]
     for r in rows:
         assert r["frames"] == 3 and r["images_per_s"] > 0 and r["model_fps"] > 0, r
         assert set(r["stages_ms"]) == set(STAGES) and all(v > 0 for v in r["stages_ms"].values()), r

@@ -34,7 +34,7 @@ from deploy.inputs import check_output_folder, image_files
 from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
 from detection.postprocess import add_test_option_args
 
-VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams")
+VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams", "prefetch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "before the run ends (default 3)")
     video.add_argument("--requests", type=int, help="--runtime openvino: inference requests in flight (default 1: one at a time)")
     video.add_argument("--streams", type=int, help="--runtime openvino: compile with this many CPU streams so requests run side by side")
+    video.add_argument("--prefetch", type=int,
+                       help="frames decoded ahead by a background thread (default 2; 0: decode in turn with inference, no thread)")
     return p.parse_args(argv)
 
 
@@ -95,7 +97,7 @@ def _check_video_flags(args: argparse.Namespace, *, video: bool) -> None:
     if given and not video:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for videos, cameras, streams and --frames folders; "
                          f"--input {args.input} is read as images")
-    for name, low in (("fps", 0.0), ("max_frames", 1), ("reconnect", 0), ("requests", 1), ("streams", 1)):
+    for name, low in (("fps", 0.0), ("max_frames", 1), ("reconnect", 0), ("requests", 1), ("streams", 1), ("prefetch", 0)):
         value = getattr(args, name)
         if value is not None and (value < low or (name == "fps" and value == 0)):
             bound = "> 0" if name == "fps" else f">= {low}"
@@ -138,7 +140,8 @@ def _video(args: argparse.Namespace, predictor, source, out_dir: Path) -> int:
     stop = StopRequest()
     with stop_on_signals(stop):
         run = annotate_video(predictor, source, out_dir, fps=args.fps or DEFAULT_FPS, requests=args.requests or 1,
-                             streams=args.streams, max_frames=args.max_frames, stop=stop)
+                             streams=args.streams, prefetch=2 if args.prefetch is None else args.prefetch, max_frames=args.max_frames,
+                             stop=stop)
     wrote = f"{run.video.name} and {run.detections.name}" if run.video else f"{run.detections.name} (no frame, so no video)"
     if run.interrupted:
         print(f"interrupted after {run.frames} frames: {wrote} in {out_dir} are complete up to there", file=sys.stderr)
