@@ -300,6 +300,12 @@ def detector_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int
     return size, (size[0], int(size[0] * 1.52))
 
 
+def _file_row(path: str | Path) -> tuple[str, int]:
+    """The detector row a file belongs to: its architecture and trunk depth."""
+    built = read_torch_file(path)["build_args"]
+    return built["arch"], int(str(built["backbone"]).removeprefix("resnet"))
+
+
 def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[dict], *, load: str = "light") -> None:
     """Detector inference rows: every candidate doing the fixed work (``load="light"``) or at the heavy load (``set_heavy_load``)."""
     if load not in LOADS:
@@ -316,28 +322,31 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
     export_dir.mkdir(parents=True, exist_ok=True)
     # The heavy rows show post-processing, which the trunk's depth does not change: the first depth only.
     cases = [(arch, d) for arch in args.archs for d in (args.depths if load == "light" else args.depths[:1])]
+    only_files = getattr(args, "checkpoints_only", False)
     for arch, depth in cases:
         candidates: dict[str, dict[str, Any]] = {"torchvision": {"kind": "torchvision"}}
-        if load == "heavy":
+        if only_files and not any(_file_row(path) == (arch, depth) for path in args.checkpoints):
+            continue
+        if load == "heavy" and not only_files:
             candidates["ours, no candidate cap"] = {"kind": "uncapped"}
-        candidates.update({
-            "ours": {"kind": "ours"},
-            "ours fast fp32": {"kind": "fast", "dtype": "float32"},
-            f"ours fast {low}": {"kind": "fast", "dtype": low},
-        })
-        if load == "light":
+        if not only_files:
+            candidates.update({
+                "ours": {"kind": "ours"},
+                "ours fast fp32": {"kind": "fast", "dtype": "float32"},
+                f"ours fast {low}": {"kind": "fast", "dtype": low},
+            })
+        if load == "light" and not only_files:
             candidates.update({
                 f"ours fast {low} + pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": True},
                 f"ours fast {low}, fp32 pyramid": {"kind": "fast", "dtype": low, "autocast_pyramid": False},
             })
-        if load == "light" and arch == "faster_rcnn" and depth == args.depths[0]:
+        if load == "light" and arch == "faster_rcnn" and depth == args.depths[0] and not only_files:
             candidates["torchvision R50 (fasterrcnn_resnet50_fpn)"] = {"kind": "r50"}
-        if not args.no_export and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
+        if not args.no_export and not only_files and (arch, depth) in (("faster_rcnn", 18), ("faster_rcnn", 34), ("mask_rcnn", 18)):
             candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
         for path in getattr(args, "checkpoints", []) if load == "light" else []:
             # Detector files (pruned ones, tools/prune.py) of this row's architecture and depth, doing its fixed work.
-            built = read_torch_file(path)["build_args"]
-            if (built["arch"], built["backbone"]) != (arch, f"resnet{depth}"):
+            if _file_row(path) != (arch, depth):
                 continue
             stem = Path(path).stem
             candidates[f"{stem}"] = {"kind": "checkpoint", "path": str(path)}

@@ -89,14 +89,15 @@ def video_model(path: str | Path, size: tuple[int, int], *, proposals: int | Non
     Args:
         path: a Faster/Mask R-CNN file (``model_final.pth``, a pruned file, ...).
         size: the frame's ``(height, width)``.
-        proposals: proposals per image at test time (``None``: the file's own).
+        proposals: proposals per image at test time (``None``: the file's own); ignored for
+            RetinaNet and FCOS, which have none.
     """
     from detection.checkpoint import load_detector
     from detection.postprocess import set_test_options
 
     model = load_detector(path).eval()
     model.transform.min_size, model.transform.max_size = (min(size),), max(size)
-    if proposals is not None:
+    if proposals is not None and hasattr(model, "rpn"):  # RetinaNet and FCOS have no proposals
         set_test_options(model, {"rpn_post_nms_top_n_test": proposals})
     return model
 
@@ -123,6 +124,8 @@ def torchvision_twin(model: nn.Module) -> nn.Module:
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     built = model.build_args
+    if built["arch"] not in ("faster_rcnn", "mask_rcnn"):
+        raise ValueError(f"the torchvision twin is built for Faster and Mask R-CNN, not {built['arch']}")
     backbone_name = built["backbone"]
     norms = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}
     if built.get("norm", "frozen_bn") not in norms:
@@ -274,7 +277,8 @@ def bench_video(args: argparse.Namespace, rows: list[dict]) -> None:
     """Video rows: every ``args.checkpoints`` detector file on a shapes clip at each ``args.image`` size (default 480x640, 720x1280).
 
     Reads ``args.checkpoints``, ``args.image``, ``args.video_frames``, ``args.proposals``,
-    ``args.no_export``, ``args.in_process``, ``args.output_dir``.
+    ``args.candidates`` (names containing one of them; all when empty), ``args.no_export``,
+    ``args.in_process``, ``args.output_dir``.
     """
     from deploy.files import identify
 
@@ -292,7 +296,9 @@ def bench_video(args: argparse.Namespace, rows: list[dict]) -> None:
         for path in paths:
             files = None if args.no_export else _export(path, size, clip, out_dir, proposals, calibration=8)
             case = f"{Path(path).parent.name}/{Path(path).stem} {size[0]}x{size[1]}" + (f", {proposals} proposals" if proposals else "")
-            for name, spec in _candidates(path, files).items():
+            wanted = getattr(args, "candidates", None)
+            chosen = {n: c for n, c in _candidates(path, files).items() if not wanted or any(w in n for w in wanted)}
+            for name, spec in chosen.items():
                 full = {**spec, "path": str(path), "size": list(size), "clip": clip, "frames": frames,
                         "stage_frames": min(frames, 10), "threads": torch.get_num_threads(), "proposals": proposals}
                 result = run_in_own_process(time_video, full, in_process=args.in_process)

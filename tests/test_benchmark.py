@@ -68,3 +68,28 @@ def test_detector_rows_take_any_image_size_and_refuse_a_tiny_one(capsys):
     assert benchmark.detector_sizes(Namespace(quick=True, size=64, image=[720, 1280])) == ((720, 1333), (720, 1280))
     assert load_tool("benchmark").main(["--image", "16", "640", "--only", "detector"]) == 2
     assert "--image must be at least 32 x 32 pixels, got 16 x 640" in one_error_line(capsys.readouterr().err)
+
+
+def test_checkpoints_only_times_the_files_beside_the_torchvision_reference(tmp_path, capsys):
+    import torch
+
+    from detection import build_detector, save_detector
+    from helpers import load_tool, one_error_line
+
+    torch.manual_seed(0)
+    path = tmp_path / "narrow.pth"
+    save_detector(build_detector("faster_rcnn", num_classes=3, min_size=64, max_size=96, out_channels=16, representation_size=32).eval(),
+                  path)
+    tool = load_tool("benchmark")
+    out = tmp_path / "bench"
+    assert tool.main(["--only", "detector", "--quick", "--size", "64", "--depths", "18", "34", "--archs", "faster_rcnn", "mask_rcnn",
+                      "--reps", "1", "--warmup", "0", "--in-process", "--no-export", "--no-memory", "--checkpoints-only",
+                      "--checkpoints", str(path), "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    # Only the file's own row (Faster R-CNN R18): torchvision's reference and the file, nothing else.
+    assert [(r["case"].split(" ")[:2], r["candidate"]) for r in rows] == [(["faster_rcnn", "R18"], "torchvision"),
+                                                                           (["faster_rcnn", "R18"], "narrow")]
+    assert rows[1]["detections"] == 100  # the row's fixed work
+    capsys.readouterr()
+    assert tool.main(["--only", "detector", "--checkpoints-only", "--output-dir", str(out)]) == 2
+    assert "--checkpoints-only needs --checkpoints" in one_error_line(capsys.readouterr().err)

@@ -92,6 +92,13 @@ def test_video_rows_have_end_to_end_and_stage_times_for_every_runtime(tmp_path: 
     assert rows[0]["ratio"] == 1.0  # torchvision eager is the reference
     assert (out / "video" / "clip_48x64.mp4").exists() and (out / "video" / "model_final_48x64_int8.onnx").exists()
 
+    code = load_tool("benchmark").main(["--only", "video", "--checkpoints", str(checkpoint), "--image", "48", "64", "--video-frames", "2",
+                                        "--in-process", "--no-export", "--candidates", "torchvision", "no prefetch",
+                                        "--output-dir", str(out / "some")])
+    assert code == 0
+    rows = json.loads((out / "some" / "benchmark.json").read_text())["rows"]
+    assert [r["candidate"] for r in rows] == ["torchvision eager", "ours fast bfloat16, no prefetch"]
+
 
 def test_the_video_step_refuses_what_it_cannot_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     tool = load_tool("benchmark")

@@ -57,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "architecture and depth, doing the same fixed work: eager, and their exported fp32/int8 files unless --no-export; "
                         "seg rows: also time these segmenter files (tools/train_seg.py), eager, at the rows' size; video rows: the "
                         "detector files to run on the clip (required there)")
+    p.add_argument("--checkpoints-only", action="store_true",
+                   help="detector rows: time only the --checkpoints files (and their exports) beside the torchvision reference, in the "
+                        "rows they belong to")
+    p.add_argument("--candidates", nargs="+", metavar="TEXT",
+                   help="video rows: time only the candidates whose name contains one of these (e.g. 'openvino int8' 'torchvision')")
     p.add_argument("--in-process", action="store_true",
                    help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
                         "(candidates share the allocator and thread pools, so do not compare them this way)")
@@ -93,6 +98,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             return fail(e)
         if info.kind not in ("detector", "training_state", "segmenter"):
             return fail(f"--checkpoints {path} is not a detector or segmenter file (it is a {info.kind!r} file)")
+    if args.checkpoints_only and not args.checkpoints:
+        return fail("--checkpoints-only needs --checkpoints")
     if "video" in args.only and not any(identify(p).kind in ("detector", "training_state") for p in args.checkpoints):
         return fail("--only video needs --checkpoints naming at least one Faster/Mask R-CNN file to run on the clip")
     device = torch.device(args.device)
