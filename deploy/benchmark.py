@@ -323,9 +323,10 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
     # The heavy rows show post-processing, which the trunk's depth does not change: the first depth only.
     cases = [(arch, d) for arch in args.archs for d in (args.depths if load == "light" else args.depths[:1])]
     only_files = getattr(args, "checkpoints_only", False)
+    file_rows = {path: _file_row(path) for path in getattr(args, "checkpoints", [])}  # each file read once
     for arch, depth in cases:
         candidates: dict[str, dict[str, Any]] = {"torchvision": {"kind": "torchvision"}}
-        if only_files and not any(_file_row(path) == (arch, depth) for path in args.checkpoints):
+        if only_files and (arch, depth) not in file_rows.values():
             continue
         if load == "heavy" and not only_files:
             candidates["ours, no candidate cap"] = {"kind": "uncapped"}
@@ -346,7 +347,7 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             candidates.update(_exported_candidates(arch, depth, size, export_dir, args.quick, load=load, proposals=proposals))
         for path in getattr(args, "checkpoints", []) if load == "light" else []:
             # Detector files (pruned ones, tools/prune.py) of this row's architecture and depth, doing its fixed work.
-            if _file_row(path) != (arch, depth):
+            if file_rows[path] != (arch, depth):
                 continue
             stem = Path(path).stem
             candidates[f"{stem}"] = {"kind": "checkpoint", "path": str(path)}
