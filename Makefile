@@ -27,7 +27,7 @@ train-mask: $(STAMP)
 # on the shapes class maps from it, mIoU per epoch (configs/seg_shapes_semantic_fpn_r18_pretrained.yaml).
 # `python tools/train_seg.py` alone trains the same head from a random trunk (configs/seg_shapes_semantic_fpn_r18.yaml).
 train-seg: $(STAMP)
-	$(PY) tools/train_cls.py --epochs 4 --output-dir outputs/seg_shapes_trunk_r18
+	$(PY) tools/train_cls.py --epochs 3 --output-dir outputs/seg_shapes_trunk_r18
 	$(PY) tools/train_seg.py --config seg_shapes_semantic_fpn_r18_pretrained
 
 # The pretrained-trunk path offline: shapes crops, a trunk pretrained on them, the detector fine-tuned from it,
