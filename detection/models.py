@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from functools import partial
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 
 from backbones.fpn import ResNetFPN, resnet_fpn
 from backbones.resnet import BACKBONES, NORMS
@@ -77,6 +79,8 @@ def anchor_generator_for(arch: str, backbone: ResNetFPN, anchor_scale: float = 8
     return AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
 
 
+# torchvision's RetinaNet regression losses (its head's _loss_type).
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 _CLASSES = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
 # Set by build_detector from its own arguments; passing them again would collide.
 _BUILT_HERE = {"self", "backbone", "kwargs", "rpn_anchor_generator", "anchor_generator", "box_roi_pool", "mask_roi_pool"}
@@ -176,6 +180,8 @@ def build_detector(
     mask_head_layers: int = 4,
     mask_roi_size: int = 14,
     box_topk_candidates: int | None = None,
+    head_norm: str | None = None,
+    box_loss: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a torchvision detector on a ResNet-18/34 feature pyramid.
@@ -218,6 +224,14 @@ def build_detector(
             at the default score threshold rarely reach, so results equal
             torchvision's, while a score threshold of 0 (90,000 candidates with 91
             classes) no longer makes NMS take seconds.
+        head_norm: RetinaNet only: ``"gn"`` puts GroupNorm (32 groups) after every
+            convolution of the classification and box towers, as torchvision's
+            ``retinanet_resnet50_fpn_v2`` does; default ``None``, the original head
+            without normalisation. The normalised head is what trains from a random
+            trunk (docs/training.md).
+        box_loss: RetinaNet only: the box regression loss, ``"l1"`` (torchvision's
+            default), ``"smooth_l1"``, ``"giou"`` (``retinanet_resnet50_fpn_v2``),
+            ``"diou"`` or ``"ciou"``.
         **kwargs: passed to the torchvision model (``box_score_thresh``,
             ``box_detections_per_img``, ``rpn_batch_size_per_image``, ``score_thresh``,
             ``detections_per_img``, ...).
@@ -243,6 +257,14 @@ def build_detector(
     custom_mask_head = (mask_head_channels, mask_head_layers) != (256, 4)
     if arch != "mask_rcnn" and (custom_mask_head or mask_roi_size != 14):
         raise ValueError(f"mask_head_channels, mask_head_layers and mask_roi_size only apply to mask_rcnn, got them for {arch!r}")
+    if arch != "retinanet" and (head_norm is not None or box_loss is not None):
+        raise ValueError(f"head_norm and box_loss only apply to retinanet, got them for {arch!r}")
+    if head_norm not in (None, "gn"):
+        raise ValueError(f"head_norm must be None or 'gn', got {head_norm!r}")
+    if box_loss not in (None, *BOX_LOSSES):
+        raise ValueError(f"box_loss must be one of {list(BOX_LOSSES)}, got {box_loss!r}")
+    if head_norm == "gn" and out_channels % 32:
+        raise ValueError(f"head_norm 'gn' needs out_channels divisible by its 32 groups, got {out_channels}")
     if not two_stage and box_topk_candidates is not None:
         raise ValueError(f"box_topk_candidates only applies to faster_rcnn and mask_rcnn, got it for {arch!r} "
                          f"(RetinaNet and FCOS cap their candidates per level with topk_candidates)")
@@ -286,7 +308,12 @@ def build_detector(
                 **size_args, **{"num_classes": num_classes, **kwargs},
             )
     elif arch == "retinanet":
-        model = RetinaNet(body, num_classes=num_classes, anchor_generator=anchors, **size_args, **kwargs)
+        head = RetinaNetHead(out_channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 32) if head_norm == "gn" else None)
+        if box_loss is not None:
+            # torchvision's own switch (retinanet_resnet50_fpn_v2 sets it the same way).
+            head.regression_head._loss_type = box_loss
+        model = RetinaNet(body, num_classes=num_classes, anchor_generator=anchors, head=head, **size_args, **kwargs)
     else:
         model = FCOS(body, num_classes=num_classes, anchor_generator=anchors, **size_args, **kwargs)
     if two_stage:
@@ -306,6 +333,7 @@ def build_detector(
         "anchor_scale": anchor_scale,
         **(mask_options if arch == "mask_rcnn" else {}),
         **({"box_topk_candidates": box_topk_candidates} if two_stage else {}),
+        **({"head_norm": head_norm, "box_loss": box_loss} if arch == "retinanet" else {}),
         # Provenance only: a rebuilt model gets its weights from the checkpoint.
         "weights_backbone": weights_backbone if isinstance(weights_backbone, str) else None,
         "kwargs": dict(user_kwargs),

@@ -131,6 +131,11 @@ def test_defaults_follow_backbone_weights():
         (dict(arch="faster_rcnn", num_classes=3, returned_layers=[0]), r"subset of \[1, 2, 3, 4\], got \[0\]"),
         (dict(arch="fcos", num_classes=3, returned_layers=[]), r"got \[\]"),
         (dict(arch="faster_rcnn", num_classes=3, norm="ln"), "norm must be one of"),
+        (dict(arch="faster_rcnn", num_classes=3, head_norm="gn"), "head_norm and box_loss only apply to retinanet, got them for 'faster_rcnn'"),
+        (dict(arch="fcos", num_classes=3, box_loss="giou"), "only apply to retinanet"),
+        (dict(arch="retinanet", num_classes=3, head_norm="bn"), "head_norm must be None or 'gn', got 'bn'"),
+        (dict(arch="retinanet", num_classes=3, box_loss="iou"), r"box_loss must be one of \['l1', 'smooth_l1', 'giou', 'diou', 'ciou'\], got 'iou'"),
+        (dict(arch="retinanet", num_classes=3, head_norm="gn", out_channels=48), "divisible by its 32 groups, got 48"),
     ],
 )
 def test_bad_arguments(args, message):
@@ -210,3 +215,34 @@ def test_unknown_detector_options_are_named_with_the_closest_valid_ones():
         build_detector("retinanet", num_classes=3, box_score_thresh=0.5)
     model = build_detector("retinanet", num_classes=3, score_thresh=0.3, size_divisible=64, **SMALL)
     assert model.score_thresh == 0.3 and model.transform.size_divisible == 64
+
+
+def test_retinanet_v2_head_is_torchvisions_and_survives_a_checkpoint(tmp_path):
+    """head_norm="gn", box_loss="giou": the head retinanet_resnet50_fpn_v2 builds, rebuilt from the file."""
+    from functools import partial
+
+    from torchvision.models.detection.retinanet import RetinaNetHead
+
+    torch.manual_seed(0)
+    model = build_detector("retinanet", num_classes=4, out_channels=64, head_norm="gn", box_loss="giou", **SMALL)
+    theirs = RetinaNetHead(64, model.anchor_generator.num_anchors_per_location()[0], 4, norm_layer=partial(nn.GroupNorm, 32))
+    assert model.head.state_dict().keys() == theirs.state_dict().keys()
+    assert [type(m) for m in model.head.modules()] == [type(m) for m in theirs.modules()]
+    assert model.head.regression_head._loss_type == "giou"
+    model.train()
+    losses = model(_images(), _targets())
+    assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
+
+    save_detector(model, tmp_path / "retina.pth")
+    loaded = load_detector(tmp_path / "retina.pth")
+    assert loaded.build_args["head_norm"] == "gn" and loaded.head.regression_head._loss_type == "giou"
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        ours, again = model(_images(1)), loaded(_images(1))
+    for a, b in zip(ours, again):
+        torch.testing.assert_close(a["scores"], b["scores"])
+    # the default stays torchvision's original head: no normalisation, L1 box loss
+    plain = build_detector("retinanet", num_classes=4, **SMALL)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.head.modules())
+    assert plain.head.regression_head._loss_type == "l1"
