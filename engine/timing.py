@@ -99,24 +99,36 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def _rss_now_and_peak() -> tuple[float, float]:
+    # Both from one source, so that their difference means something: /proc's VmRSS and VmHWM, or, without
+    # them, getrusage's lifetime peak twice (which on Linux also counts what the process held before exec).
+    try:
+        return _status_mb("VmRSS"), _status_mb("VmHWM")
+    except (OSError, KeyError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
+
+
 def reset_peak_rss() -> float:
-    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return the RSS in MiB."""
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return the RSS in MiB.
+
+    ``peak_rss_mb() - reset_peak_rss()`` is then the peak growth from here, never negative. Where
+    the reset is refused (some sandboxes) the peak stays the process's lifetime one and the
+    difference is an upper bound.
+    """
     import gc
 
     gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return _status_mb("VmRSS")
-    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except OSError:
+        pass
+    return _rss_now_and_peak()[0]
 
 
 def peak_rss_mb() -> float:
     """The process's peak RSS in MiB (since ``reset_peak_rss``)."""
-    try:
-        return _status_mb("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _rss_now_and_peak()[1]
 
 
 def run_in_own_process(target: Callable[[dict[str, Any], Any], None], spec: dict[str, Any], *, in_process: bool = False) -> dict[str, Any]:
