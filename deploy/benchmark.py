@@ -244,9 +244,13 @@ def _build_candidate(spec: dict[str, Any]) -> Callable[[list[torch.Tensor]], Any
 
 def _exported_candidates(
     arch: str, depth: int, size: tuple[int, int], out_dir: Path, quick: bool, *, load: str = "light", proposals: int | None = None,
-    checkpoint: str | None = None,
+    checkpoint: str | None = None, linear: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Export the row's "ours" model (or ``checkpoint``'s, ``checkpoint_candidate``) (fp32 and int8) and describe each runtime/precision to time."""
+    """Export the row's "ours" model (or ``checkpoint``'s, ``checkpoint_candidate``) (fp32 and int8) and describe each runtime/precision to time.
+
+    ``linear``: the int8 file has its fully connected layers quantised too (``quantize_onnx(linear=True)``),
+    and its rows are named ``int8+fc``.
+    """
     try:
         import onnxruntime  # noqa: F401
 
@@ -261,24 +265,25 @@ def _exported_candidates(
         model = _detector_pairs(arch, depth, size, load=load, proposals=proposals)["ours"]
         stem = f"{arch}_r{depth}_{size[0]}" + (f"_{load}" if load != "light" else "") + (f"_p{proposals}" if proposals else "")
     fp32 = out_dir / f"{stem}.onnx"
-    int8 = out_dir / f"{stem}_int8.onnx"
+    int8_name = "int8+fc" if linear else "int8"
+    int8 = out_dir / f"{stem}_{'int8fc' if linear else 'int8'}.onnx"
     export_onnx(model, fp32)
     # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
     g = torch.Generator().manual_seed(0)
     side = min(size[0], 320)
     start = time.perf_counter()
-    quantize_onnx(fp32, int8, [torch.rand(3, side, side * 3 // 2, generator=g) for _ in range(2)])
+    quantize_onnx(fp32, int8, [torch.rand(3, side, side * 3 // 2, generator=g) for _ in range(2)], linear=linear)
     calibration = time.perf_counter() - start  # the quantizer runs the fp32 file on each image: post-processing included
     logger.info("%s: int8 quantisation (2 calibration images) took %.1f s", int8.name, calibration)
     specs = {"onnxruntime fp32": {"path": str(fp32), "runtime": "onnxruntime"},
-             "onnxruntime int8": {"path": str(int8), "runtime": "onnxruntime", "quantize_s": calibration}}
+             f"onnxruntime {int8_name}": {"path": str(int8), "runtime": "onnxruntime", "quantize_s": calibration}}
     try:
         import openvino  # noqa: F401
 
         specs.update({
             "openvino fp32": {"path": str(fp32), "runtime": "openvino", "precision": "fp32"},
             "openvino bf16": {"path": str(fp32), "runtime": "openvino", "precision": "bf16"},
-            "openvino int8": {"path": str(int8), "runtime": "openvino", "precision": "fp32", "quantize_s": calibration},
+            f"openvino {int8_name}": {"path": str(int8), "runtime": "openvino", "precision": "fp32", "quantize_s": calibration},
         })
     except ImportError:
         logger.warning("openvino not installed: no OpenVINO rows")
@@ -352,7 +357,8 @@ def bench_detectors(args: argparse.Namespace, device: torch.device, rows: list[d
             stem = Path(path).stem
             candidates[f"{stem}"] = {"kind": "checkpoint", "path": str(path)}
             if not args.no_export:
-                exported = _exported_candidates(arch, depth, size, export_dir, args.quick, proposals=proposals, checkpoint=str(path))
+                exported = _exported_candidates(arch, depth, size, export_dir, args.quick, proposals=proposals, checkpoint=str(path),
+                                                linear=getattr(args, "int8_linear", False))
                 candidates.update({f"{stem} {name}": spec for name, spec in exported.items()})
         results = {}
         for name, spec in candidates.items():

@@ -26,7 +26,8 @@ poolers, ``half_pixel`` for aligned ones), which older opsets leave implicit.
 
 Int8 (``quantize_onnx``) is post-training static quantisation of every convolution
 (trunk, pyramid, RPN head, mask head), calibrated on training images; the box head,
-NMS and the rest stay float32.
+NMS and the rest stay float32, unless ``linear=True`` makes the box head's fully
+connected layers int8 as well (a quarter of their bytes: most of a pruned model's file).
 """
 
 import json
@@ -518,15 +519,16 @@ def quantize_onnx(
     images: Sequence[Tensor],
     *,
     method: str = "onnxruntime",
+    linear: bool = False,
 ) -> Path:
     """Post-training static int8 quantisation of every convolution of an exported file.
 
     Trunk, pyramid, RPN head and (Mask R-CNN) mask head convolutions become int8
     (weights per channel, activations per tensor, QDQ format that ONNX Runtime and
     OpenVINO both run as int8 kernels); the box head, NMS and post-processing stay
-    float32. In a segmenter file every convolution (trunk, pyramid, head) becomes int8;
-    the resizes stay float32. Written atomically, with the input file's metadata plus
-    ``precision`` ``int8`` and the method.
+    float32 unless ``linear``. In a segmenter file every convolution (trunk, pyramid,
+    head) becomes int8; the resizes stay float32. Written atomically, with the input
+    file's metadata plus ``precision`` ``int8``, the method and the operators quantised.
 
     Args:
         model_path: an fp32 file from ``export_onnx``.
@@ -535,6 +537,8 @@ def quantize_onnx(
             float32 ``[3, H, W]`` in [0, 1]; a segmenter file gets each as a batch of one.
         method: ``"onnxruntime"`` (``onnxruntime.quantization.quantize_static``, min-max
             calibration) or ``"nncf"`` (``nncf.quantize``, OpenVINO's toolkit).
+        linear: also quantise the fully connected layers (``Gemm``/``MatMul``: the box
+            head's ``fc6``/``fc7`` and predictor), weights per output channel.
 
     Returns:
         The output path.
@@ -555,6 +559,7 @@ def quantize_onnx(
     except Exception as e:  # noqa: BLE001  (a damaged graph: the file cannot be read as ONNX)
         raise FileFormatError(f"{model_path} is not a readable ONNX file ({type(e).__name__}: {str(e)[:200]})") from None
     convs = _conv_nodes(proto)
+    ops = ["Conv", "Gemm", "MatMul"] if linear else ["Conv"]
     name, batched = _graph_input(proto)
     output = Path(output)
     with temporary_folder(output) as tmp:
@@ -563,7 +568,7 @@ def quantize_onnx(
             q = _require("onnxruntime.quantization")
             with _quiet_root_logger():  # quantize_static logs pre-processing advice on the root logger
                 q.quantize_static(
-                    str(model_path), str(quantized), _Images(images, name, batched), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                    str(model_path), str(quantized), _Images(images, name, batched), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=ops,
                     per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                     calibrate_method=q.CalibrationMethod.MinMax,
                 )
@@ -571,10 +576,10 @@ def quantize_onnx(
         else:
             nncf = _require("nncf", extra="nncf")
             dataset = nncf.Dataset(list(images), lambda img: _feed(img, name, batched))
-            others = sorted({n.op_type for n in proto.graph.node if n.op_type != "Conv"})
+            others = sorted({n.op_type for n in proto.graph.node if n.op_type not in ops})
             result = nncf.quantize(proto, dataset, subset_size=len(images), ignored_scope=nncf.IgnoredScope(types=others, validate=False))
         _set_metadata(result, {**meta, "resfpn.precision": "int8", "resfpn.int8": json.dumps(
-            {"method": method, "calibration_images": len(images), "quantized": "Conv", "convolutions": len(convs)})})
+            {"method": method, "calibration_images": len(images), "quantized": ",".join(ops), "convolutions": len(convs)})})
         final = tmp / "model.onnx"
         onnx.save(result, str(final))
         publish(final, output)
@@ -613,8 +618,12 @@ def load_checkpoint_for_export(checkpoint: "str | os.PathLike[str]") -> tuple[nn
     return model, dict(config) if isinstance(config, Mapping) else None
 
 
-def check_export_args(*, format: str, opset: int, int8: bool, calib_images: int, int8_method: str = "onnxruntime") -> None:
+def check_export_args(
+    *, format: str, opset: int, int8: bool, calib_images: int, int8_method: str = "onnxruntime", int8_linear: bool = False
+) -> None:
     """Raise ``ExportError`` for arguments that cannot work, before any model is loaded."""
+    if int8_linear and not int8:
+        raise ExportError("--int8-linear quantises the fully connected layers of an int8 file: pass it with --int8")
     if format not in EXPORT_FORMATS:
         raise ExportError(f"format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
     if format == "onnx":
@@ -644,6 +653,7 @@ def export_checkpoint(
     calib_images: int = 64,
     data_path: "Optional[str | os.PathLike[str]]" = None,
     int8_method: str = "onnxruntime",
+    int8_linear: bool = False,
     export_size: Optional[tuple[int, int]] = None,
     test_options: Optional[Mapping[str, int]] = None,
 ) -> Path:
@@ -659,6 +669,7 @@ def export_checkpoint(
         data_path: root for calibration (default the checkpoint's training data): COCO
             layout for detectors, VOC or COCO layout for segmenters.
         int8_method: ``"onnxruntime"`` or ``"nncf"`` (see ``quantize_onnx``).
+        int8_linear: with ``int8``, the fully connected layers too (``quantize_onnx``'s ``linear``).
         export_size: ``(height, width)`` traced (see ``export_onnx``).
         test_options: Faster/Mask R-CNN: test-time proposal counts and candidate cap
             to bake into the file (``detection.postprocess.set_test_options``), e.g.
@@ -667,7 +678,7 @@ def export_checkpoint(
     Returns:
         The output path.
     """
-    check_export_args(format=format, opset=opset, int8=int8, calib_images=calib_images, int8_method=int8_method)
+    check_export_args(format=format, opset=opset, int8=int8, calib_images=calib_images, int8_method=int8_method, int8_linear=int8_linear)
     test_options = check_test_options(test_options or {})
     model, config = load_checkpoint_for_export(checkpoint)
     if test_options:
@@ -685,7 +696,7 @@ def export_checkpoint(
     output = Path(output)
     with temporary_folder(output) as tmp:
         fp32, _ = _export_onnx(model, tmp / "fp32.onnx", opset=opset, category_mapping=None, export_size=export_size)
-        return quantize_onnx(fp32, output, images, method=int8_method)
+        return quantize_onnx(fp32, output, images, method=int8_method, linear=int8_linear)
 
 
 def export_detector(checkpoint: "str | os.PathLike[str]", output: "str | os.PathLike[str]", **kwargs: Any) -> Path:

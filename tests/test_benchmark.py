@@ -93,3 +93,25 @@ def test_checkpoints_only_times_the_files_beside_the_torchvision_reference(tmp_p
     capsys.readouterr()
     assert tool.main(["--only", "detector", "--checkpoints-only", "--output-dir", str(out)]) == 2
     assert "--checkpoints-only needs --checkpoints" in one_error_line(capsys.readouterr().err)
+
+
+def test_int8_linear_times_the_files_int8_exports_with_their_fully_connected_layers(tmp_path):
+    import torch
+
+    from deploy.export import read_onnx_metadata
+    from detection import build_detector, save_detector
+    from helpers import load_tool
+
+    torch.manual_seed(0)
+    path = tmp_path / "narrow.pth"
+    save_detector(build_detector("faster_rcnn", num_classes=3, min_size=64, max_size=96, out_channels=16, representation_size=32).eval(),
+                  path)
+    out = tmp_path / "bench"
+    assert load_tool("benchmark").main(["--only", "detector", "--quick", "--size", "64", "--depths", "18", "--archs", "faster_rcnn",
+                                        "--reps", "1", "--warmup", "0", "--in-process", "--no-memory", "--checkpoints-only", "--int8-linear",
+                                        "--checkpoints", str(path), "--output-dir", str(out)]) == 0
+    candidates = {r["candidate"] for r in json.loads((out / "benchmark.json").read_text())["rows"]}
+    assert {"narrow onnxruntime fp32", "narrow onnxruntime int8+fc"} <= candidates
+    assert not {"narrow onnxruntime int8", "narrow openvino int8"} & candidates
+    int8 = list(out.rglob("narrow_*_int8fc.onnx"))
+    assert len(int8) == 1 and json.loads(read_onnx_metadata(int8[0])["resfpn.int8"])["quantized"] == "Conv,Gemm,MatMul"

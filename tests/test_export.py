@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -219,6 +220,39 @@ def test_int8_keeps_the_confident_detections(trained, tmp_path):
     assert considered >= 2 and matched >= 0.75 * considered
 
 
+def test_int8_linear_quantises_the_box_head_too(trained, tmp_path):
+    """``linear=True``: the box head's fully connected layers read int8 weights; the file shrinks and still detects."""
+    model, images, root, _, path = trained
+    calib = calibration_images(data_path=root, count=2)
+    convs_only = quantize_onnx(path, tmp_path / "int8.onnx", calib)
+    with_fc = quantize_onnx(path, tmp_path / "int8fc.onnx", calib, linear=True)
+    assert read_metadata(convs_only)["int8"]["quantized"] == "Conv"
+    assert read_metadata(with_fc)["int8"]["quantized"] == "Conv,Gemm,MatMul"
+
+    def int8_fed_gemms(file):
+        proto = onnx.load(str(file))
+        dequantized = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+        gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+        return len(gemms), sum(n.input[1] in dequantized for n in gemms)
+
+    gemms, fed = int8_fed_gemms(with_fc)
+    assert gemms >= 3 and fed == gemms  # fc6, fc7, the predictor's two layers
+    assert int8_fed_gemms(convs_only)[1] == 0
+    fp32 = onnx.load(str(path))
+    weights = {t.name: t for t in fp32.graph.initializer}
+    fc_bytes = sum(4 * int(np.prod(weights[n.input[1]].dims)) for n in fp32.graph.node if n.op_type == "Gemm" and n.input[1] in weights)
+    assert fc_bytes > 0
+    assert convs_only.stat().st_size - with_fc.stat().st_size > 0.7 * fc_bytes  # int8 weights: a quarter of their float32 bytes
+    exported = load_exported(with_fc)
+    matched = considered = 0
+    for image in images:
+        with torch.no_grad():
+            ref = model([image])[0]
+        m, c = match_detections(ref, exported([image])[0], score_thresh=0.5, iou_thresh=0.7)
+        matched, considered = matched + m, considered + c
+    assert considered >= 2 and matched >= 0.75 * considered
+
+
 def test_int8_calibration_feeds_the_runtimes_input(tmp_path, monkeypatch):
     """The quantizer sees exactly what the runtime feeds the graph: float32 [3, H, W] pixels / 255.
 
@@ -313,6 +347,7 @@ def test_cli_exports_and_bad_invocations(trained, tmp_path):
     _assert_tool_error(_run_tool("--checkpoint", str(ckpt), "--output", str(tmp_path / "a.onnx"), "--opset", "11"), r"opset .*\[16, \d+\].*--opset 17")
     _assert_tool_error(_run_tool("--checkpoint", str(ckpt), "--output", str(tmp_path / "a.onnx"), "--int8", "--calib-images", "0"),
                        "calibration images.*--calib-images")
+    _assert_tool_error(_run_tool("--checkpoint", str(ckpt), "--output", str(tmp_path / "a.onnx"), "--int8-linear"), "--int8-linear.*--int8")
     empty = tmp_path / "empty"
     (empty / "annotations").mkdir(parents=True)
     (empty / "train").mkdir()

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time the detector/seg candidates in this process, not one process each: quicker, for checking the tool "
                         "(candidates share the allocator and thread pools, so do not compare them this way)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    p.add_argument("--int8-linear", action="store_true",
+                   help="detector rows: quantise the fully connected layers too in the --checkpoints files' int8 exports (rows "
+                        "'onnxruntime int8+fc', 'openvino int8+fc' instead of 'onnxruntime int8', 'openvino int8'; tools/export.py --int8-linear)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX Runtime / OpenVINO rows of detectors and segmenters (no export)")
     p.add_argument("--output-dir", default="outputs/benchmark")
     args = p.parse_args(argv)

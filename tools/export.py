@@ -35,6 +35,8 @@ def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p.add_argument("--calib-images", type=int, default=64, help="training images to calibrate int8 on (default 64)")
     p.add_argument("--data-path", help="root for calibration, COCO layout (segmenters: VOC or COCO) (default: the checkpoint's training data)")
     p.add_argument("--int8-method", choices=list(INT8_METHODS), default="onnxruntime", help="quantizer (default onnxruntime)")
+    p.add_argument("--int8-linear", action="store_true",
+                   help="with --int8: the box head's fully connected layers int8 too (default: they stay float32)")
     p.add_argument("--export-size", type=int, nargs=2, metavar=("H", "W"), help="size of the traced sample (any size runs)")
     add_test_option_args(p)  # baked into the file
     return p.parse_args(argv)
@@ -48,7 +50,8 @@ def main(argv: "list[str] | None" = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     for noisy in ("root", "nncf"):  # the quantizers' advice lines
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    check_export_args(format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images, int8_method=args.int8_method)
+    check_export_args(format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images, int8_method=args.int8_method,
+                      int8_linear=args.int8_linear)
     test_options = parse_test_options(args)
     if not Path(args.checkpoint).is_file():
         raise ExportError(f"checkpoint {args.checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py or tools/train_seg.py")
@@ -56,10 +59,11 @@ def _export(args: argparse.Namespace) -> int:
         raise ExportError(f"--output {args.output} is a folder; pass a file name such as model.onnx")
     output = export_checkpoint(
         args.checkpoint, args.output, format=args.format, opset=args.opset, int8=args.int8, calib_images=args.calib_images,
-        data_path=args.data_path, int8_method=args.int8_method, export_size=tuple(args.export_size) if args.export_size else None,
+        data_path=args.data_path, int8_method=args.int8_method, int8_linear=args.int8_linear, export_size=tuple(args.export_size) if args.export_size else None,
         test_options=test_options,
     )
-    what = args.format + (f" int8 ({args.int8_method}, {args.calib_images} calibration images)" if args.int8 else "")
+    linear = ", fully connected layers too" if args.int8_linear else ""
+    what = args.format + (f" int8 ({args.int8_method}, {args.calib_images} calibration images{linear})" if args.int8 else "")
     print(f"wrote {output} ({what}, {output.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -35,6 +35,8 @@ RUNTIMES = {
     "OpenVINO fp32": (" openvino fp32", False),
     "ONNX Runtime int8": (" onnxruntime int8", True),
     "OpenVINO int8": (" openvino int8", True),
+    "ONNX Runtime int8+fc": (" onnxruntime int8+fc", True),  # benchmark.py --int8-linear
+    "OpenVINO int8+fc": (" openvino int8+fc", True),
 }
 
 
