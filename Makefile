@@ -38,7 +38,7 @@ pretrain-demo: $(STAMP)
 # Channel pruning of the `make train` model (docs/pruning.md): ratios 0.25/0.5/0.75 (l1) and the target's candidate
 # (0.375, bn_scale, widths multiples of 16), scope all, each fine-tuned 5 epochs of its own recipe at its learning
 # rate, against a control (the unpruned model trained the same 5 epochs); bbox AP of each checkpoint and of its int8
-# file (convolutions and fully connected layers, run by OpenVINO), fp32/int8 files, latency at 800x1216 and 480x640,
+# file (convolutions and fully connected layers; in OpenVINO and ONNX Runtime), fp32/int8 files, latency at 800x1216 and 480x640,
 # and the picture of AP against speed. About an hour on 2 CPU cores.
 PRUNE_RATIOS ?= 0.25 0.5 0.75
 PRUNE_DIR ?= outputs/prune
@@ -63,6 +63,8 @@ prune-demo: $(STAMP)
 	  $(PY) tools/export.py --checkpoint $$f --output $(PRUNE_DIR)/$${n}_int8.onnx --int8 --int8-linear --calib-images 64 || exit 1; \
 	  $(PY) tools/eval_coco.py --checkpoint $(PRUNE_DIR)/$${n}_int8.onnx --runtime openvino --no-progress \
 	      --output-dir $(PRUNE_DIR)/eval_$${n}_int8 || exit 1; \
+	  $(PY) tools/eval_coco.py --checkpoint $(PRUNE_DIR)/$${n}_int8.onnx --runtime onnxruntime --no-progress \
+	      --output-dir $(PRUNE_DIR)/eval_$${n}_int8_ort || exit 1; \
 	done
 	$(PY) tools/benchmark.py --only detector --archs faster_rcnn --depths 18 --reps 5 --checkpoints-only --int8-linear --output-dir $(PRUNE_DIR)/bench_800 \
 	    --checkpoints $(PRUNE_DIR)/control.pth $(PRUNED)
@@ -70,10 +72,9 @@ prune-demo: $(STAMP)
 	    --checkpoints $(PRUNE_DIR)/control.pth $(PRUNED)
 	$(PY) tools/plot_tradeoff.py --benchmark $(PRUNE_DIR)/bench_800/benchmark.json --reference-ap \
 	    $$($(PY) -c "import json; print(json.load(open('$(PRUNE_DIR)/eval_control/metrics.json'))['bbox/AP'])") \
-	    --target-speedup 12 --output $(PRUNE_DIR)/ap_speed_800.png --runtimes eager "ONNX Runtime int8+fc" "OpenVINO int8+fc" \
-	    --point "0 (control)" control $(PRUNE_DIR)/eval_control/metrics.json $(PRUNE_DIR)/eval_control_int8/metrics.json \
-	    $(foreach r,$(PRUNE_RATIOS),--point "$(r)" r$(r) $(PRUNE_DIR)/eval_r$(r)/metrics.json $(PRUNE_DIR)/eval_r$(r)_int8/metrics.json) \
-	    --point "0.375 bn/16" target $(PRUNE_DIR)/eval_target/metrics.json $(PRUNE_DIR)/eval_target_int8/metrics.json
+	    --target-speedup 12 --output $(PRUNE_DIR)/ap_speed_800.png \
+	    --title "make prune-demo: Faster R-CNN R18 on shapes, pruned (scope all) + 5 epochs, 800x1216, fixed work" --runtimes eager "ONNX Runtime int8+fc" "OpenVINO int8+fc" \
+	    $(foreach n,control $(foreach r,$(PRUNE_RATIOS),r$(r)) target,--point "$(n)" $(n) $(foreach e,eval_$(n) eval_$(n)_int8 eval_$(n)_int8_ort,$(PRUNE_DIR)/$(e)/metrics.json))
 	ls -l $(PRUNE_MODEL) $(PRUNE_DIR)
 
 bench: $(STAMP)

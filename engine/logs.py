@@ -50,6 +50,12 @@ def setup_logging(*, level: int = logging.INFO, console: bool = True) -> None:
         level: the lowest level shown on rank 0.
         console: print to stderr at all.
     """
+    root = logging.getLogger()
+    if not root.handlers:
+        # Our records also propagate to the root logger. onnxruntime.quantization calls logging.basicConfig()
+        # when imported, which would give an empty root a console handler of its own: every line twice.
+        # basicConfig leaves a root that has any handler alone.
+        root.addHandler(logging.NullHandler())
     for logger in _loggers():
         for handler in [h for h in logger.handlers if getattr(h, _MARK, None) == "console"]:
             logger.removeHandler(handler)

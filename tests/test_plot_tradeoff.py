@@ -46,6 +46,18 @@ def test_points_take_each_rows_ratio_and_the_int8_ap_only_where_measured(files):
     assert lines["OpenVINO int8"] == [("unpruned", 10.0, 31.5)]
 
 
+def test_onnx_runtime_lines_take_the_int8_files_own_ap_there_and_lines_run_by_speed(files, tmp_path):
+    speedups = tool.read_speedups([files["old"], files["new"]])
+    ort8 = _metrics(tmp_path / "full8_ort.json", 31.9)
+    half8 = _metrics(tmp_path / "half8.json", 44.0)
+    # the faster point first on the command line: each line still runs from slow to fast
+    lines = tool.tradeoff_points(speedups, [["0.5", "half", files["half"], half8], ["unpruned", "full", files["full"], files["full8"], ort8]],
+                                 ["eager", "ONNX Runtime int8", "OpenVINO int8"])
+    assert lines["eager"] == [("unpruned", 3.5, 32.0), ("0.5", 9.0, 44.5)]
+    assert lines["OpenVINO int8"] == [("unpruned", 10.0, 31.5), ("0.5", 14.0, 44.0)]
+    assert lines["ONNX Runtime int8"] == [("unpruned", 6.0, 31.9), ("0.5", 15.0, 44.0)]  # no ORT metrics for 0.5: its int8 file's
+
+
 def test_tool_writes_the_picture(files, tmp_path, capsys):
     out = tmp_path / "pics" / "tradeoff.png"
     code = tool.main(["--benchmark", files["old"], files["new"], "--point", "unpruned", "full", files["full"], files["full8"],

@@ -6,12 +6,14 @@
         --point "0.5" r0.5 outputs/prune/r0.5_ft5_lr1_steps/step1/metrics.json outputs/prune/eval_r0.5_ft5_lr1_int8/metrics.json \
         --reference-ap 49.3 --target-speedup 12 --output docs/img/pruning_ap_speed.png
 
-Each ``--point LABEL STEM METRICS [INT8_METRICS]`` is one model. ``STEM`` names its rows in a
+Each ``--point LABEL STEM METRICS [INT8_METRICS [INT8_ORT_METRICS]]`` is one model. ``STEM`` names its rows in a
 benchmark (``tools/benchmark.py --checkpoints``): the row ``STEM`` is eager PyTorch, ``STEM
 openvino int8`` its int8 file in OpenVINO, and so on. ``METRICS`` is the ``metrics.json`` of
 ``eval_coco.py`` (or of a training run) for the checkpoint; ``INT8_METRICS`` that of its int8
-file (``eval_coco.py --checkpoint model_int8.onnx``). An int8 runtime is drawn only for the
-models whose int8 AP was measured: the fp32 AP is never borrowed for it.
+file (``eval_coco.py --checkpoint model_int8.onnx --runtime openvino``), and
+``INT8_ORT_METRICS`` that of the same file in ONNX Runtime, whose int8 kernels round
+differently (without it the ONNX Runtime lines take ``INT8_METRICS``). An int8 runtime is
+drawn only for the models whose int8 AP was measured: the fp32 AP is never borrowed for it.
 
 The x axis is each row's speed-up over torchvision eager *in its own benchmark run*
 (the benchmark's ``ratio``), so rows of runs taken on different days compare; one line per
@@ -29,14 +31,15 @@ from pathlib import Path
 from engine.cli import fail, run_tool
 from engine.files import atomic_write
 
-# runtime -> the suffix of its benchmark rows after the file's stem, and whether it runs the int8 file
+# runtime -> the suffix of its benchmark rows after the file's stem, and which of the point's metrics is its AP
+# (0: METRICS, 1: INT8_METRICS, 2: INT8_ORT_METRICS, falling back to INT8_METRICS)
 RUNTIMES = {
-    "eager": ("", False),
-    "OpenVINO fp32": (" openvino fp32", False),
-    "ONNX Runtime int8": (" onnxruntime int8", True),
-    "OpenVINO int8": (" openvino int8", True),
-    "ONNX Runtime int8+fc": (" onnxruntime int8+fc", True),  # benchmark.py --int8-linear
-    "OpenVINO int8+fc": (" openvino int8+fc", True),
+    "eager": ("", 0),
+    "OpenVINO fp32": (" openvino fp32", 0),
+    "ONNX Runtime int8": (" onnxruntime int8", 2),
+    "OpenVINO int8": (" openvino int8", 1),
+    "ONNX Runtime int8+fc": (" onnxruntime int8+fc", 2),  # benchmark.py --int8-linear
+    "OpenVINO int8+fc": (" openvino int8+fc", 1),
 }
 
 
@@ -44,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", nargs="+", required=True, help="benchmark.json files of tools/benchmark.py --checkpoints")
     p.add_argument("--point", nargs="+", action="append", required=True, metavar="ARG",
-                   help="LABEL STEM METRICS [INT8_METRICS]: a model, its benchmark rows' name and its metrics.json files")
+                   help="LABEL STEM METRICS [INT8_METRICS [INT8_ORT_METRICS]]: a model, its benchmark rows' name and its metrics.json "
+                        "files (the int8 file's in OpenVINO, and in ONNX Runtime)")
     p.add_argument("--runtimes", nargs="+", default=["eager", "ONNX Runtime int8", "OpenVINO int8"], choices=list(RUNTIMES))
     p.add_argument("--reference-ap", type=float, help="the AP to stay within --ap-loss of (e.g. the unpruned model's)")
     p.add_argument("--ap-loss", type=float, default=1.5, help="allowed AP below --reference-ap (default 1.5)")
@@ -90,11 +94,11 @@ def read_speedups(paths: list[str | Path]) -> dict[str, float]:
 def tradeoff_points(
     speedups: dict[str, float], points: list[list[str]], runtimes: list[str]
 ) -> dict[str, list[tuple[str, float, float]]]:
-    """``{runtime: [(label, speed-up, AP), ...]}`` for the points the data has.
+    """``{runtime: [(label, speed-up, AP), ...]}`` for the points the data has, each line by speed-up.
 
     Args:
         speedups: ``read_speedups``'s result.
-        points: ``[LABEL, STEM, METRICS, (INT8_METRICS)]`` lists, as ``--point`` takes them.
+        points: ``[LABEL, STEM, METRICS, (INT8_METRICS, (INT8_ORT_METRICS))]`` lists, as ``--point`` takes them.
         runtimes: keys of ``RUNTIMES``.
 
     Raises:
@@ -102,17 +106,17 @@ def tradeoff_points(
     """
     lines: dict[str, list[tuple[str, float, float]]] = {}
     for runtime in runtimes:
-        suffix, int8 = RUNTIMES[runtime]
+        suffix, which = RUNTIMES[runtime]
         line = []
-        for label, stem, fp32_metrics, *int8_metrics in points:
-            if int8 and not int8_metrics:
-                continue
+        for label, stem, *metrics in points:
+            if len(metrics) <= min(which, 1):
+                continue  # no int8 AP for this model
             name = f"{stem}{suffix}"
             if name not in speedups:
                 raise ValueError(f"no benchmark has a detector row named {name!r} (rows: {', '.join(sorted(speedups))})")
-            line.append((label, speedups[name], read_ap(int8_metrics[0] if int8 else fp32_metrics)))
+            line.append((label, speedups[name], read_ap(metrics[min(which, len(metrics) - 1)])))
         if line:
-            lines[runtime] = line
+            lines[runtime] = sorted(line, key=lambda point: point[1])
     return lines
 
 
@@ -145,7 +149,7 @@ def draw(lines: dict[str, list[tuple[str, float, float]]], path: Path, *, title:
         ax.axvline(target_speedup, color="tab:red", linestyle=":", linewidth=1, label=f"target: {target_speedup:g}x")
     if reference_ap is not None:
         ax.axhline(reference_ap - ap_loss, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"target: {reference_ap:g} - {ap_loss:g} AP")
+                   label=f"target: {reference_ap:.1f} - {ap_loss:g} AP")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x" if f"{x:g}"[0] in "235" else ""))
@@ -164,8 +168,8 @@ def draw(lines: dict[str, list[tuple[str, float, float]]], path: Path, *, title:
 
 def _check(args: argparse.Namespace) -> dict[str, list[tuple[str, float, float]]]:
     for point in args.point:
-        if len(point) not in (3, 4):
-            raise ValueError(f"--point takes LABEL STEM METRICS [INT8_METRICS], got {len(point)} values: {' '.join(point)}")
+        if len(point) not in (3, 4, 5):
+            raise ValueError(f"--point takes LABEL STEM METRICS [INT8_METRICS [INT8_ORT_METRICS]], got {len(point)} values: {' '.join(point)}")
     for path in [*args.benchmark, *(p for point in args.point for p in point[2:])]:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} does not exist")
