@@ -39,7 +39,7 @@ pretrain-demo: $(STAMP)
 # (0.375, bn_scale, widths multiples of 16), scope all, each fine-tuned 5 epochs of its own recipe at its learning
 # rate, against a control (the unpruned model trained the same 5 epochs); bbox AP of each checkpoint and of its int8
 # file (convolutions and fully connected layers; in OpenVINO and ONNX Runtime), fp32/int8 files, latency at 800x1216 and 480x640,
-# and the picture of AP against speed. About an hour on 2 CPU cores.
+# and the picture of AP against speed. About 45 minutes on 2 CPU cores (and make train first if its model is missing).
 PRUNE_RATIOS ?= 0.25 0.5 0.75
 PRUNE_DIR ?= outputs/prune
 PRUNE_MODEL ?= outputs/shapes_faster_rcnn_r18/model_final.pth
