@@ -269,6 +269,8 @@ def _candidates(path: str, files: dict[str, str] | None) -> dict[str, dict[str, 
                                           "requests": 2},
             "openvino int8, 2 requests, 2 streams": {"kind": "exported", "file": files["int8"], "runtime": "openvino",
                                                      "precision": "fp32", "requests": 2, "streams": 2},
+            "openvino int8, 2 requests, 2 streams, no prefetch": {"kind": "exported", "file": files["int8"], "runtime": "openvino",
+                                                                  "precision": "fp32", "requests": 2, "streams": 2, "prefetch": 0},
         })
     return candidates
 

@@ -79,7 +79,7 @@ def test_video_rows_have_end_to_end_and_stage_times_for_every_runtime(tmp_path: 
     assert list(_candidates("m.pth", files)) == [
         "torchvision eager", "ours eager", "ours fast bfloat16", "ours fast bfloat16, no prefetch", "onnxruntime fp32", "onnxruntime int8",
         "onnxruntime int8, no prefetch", "openvino fp32", "openvino bf16", "openvino int8", "openvino int8, no prefetch",
-        "openvino int8, 2 requests", "openvino int8, 2 requests, 2 streams"]
+        "openvino int8, 2 requests", "openvino int8, 2 requests, 2 streams", "openvino int8, 2 requests, 2 streams, no prefetch"]
     assert list(_candidates("m.pth", None)) == ["torchvision eager", "ours eager", "ours fast bfloat16", "ours fast bfloat16, no prefetch"]
 
     out = tmp_path / "bench"
@@ -92,7 +92,8 @@ def test_video_rows_have_end_to_end_and_stage_times_for_every_runtime(tmp_path: 
     assert code == 0
     rows = json.loads((out / "benchmark.json").read_text())["rows"]
     assert {r["group"] for r in rows} == {"video"}
-    assert [r["candidate"] for r in rows] == ["torchvision eager", "onnxruntime int8, no prefetch", "openvino int8, 2 requests, 2 streams"]
+    assert [r["candidate"] for r in rows] == ["torchvision eager", "onnxruntime int8, no prefetch", "openvino int8, 2 requests, 2 streams",
+                                              "openvino int8, 2 requests, 2 streams, no prefetch"]
     for r in rows:
         assert r["frames"] == 3 and r["images_per_s"] > 0 and r["model_fps"] > 0, r
         assert set(r["stages_ms"]) == set(STAGES) and all(v > 0 for v in r["stages_ms"].values()), r
