@@ -266,7 +266,7 @@ def _exported_candidates(
         stem = f"{arch}_r{depth}_{size[0]}" + (f"_{load}" if load != "light" else "") + (f"_p{proposals}" if proposals else "")
     fp32 = out_dir / f"{stem}.onnx"
     int8_name = "int8+fc" if linear else "int8"
-    int8 = out_dir / f"{stem}_{'int8fc' if linear else 'int8'}.onnx"
+    int8 = out_dir / f"{stem}_{int8_name.replace('+', '')}.onnx"
     export_onnx(model, fp32)
     # Speed rows only: int8 kernels cost the same whatever the scales, so two random images calibrate.
     g = torch.Generator().manual_seed(0)

@@ -197,6 +197,17 @@ def test_evaluate_scores_the_exported_file_as_the_model(trained):
     assert abs(exported["bbox/AP"] - eager["bbox/AP"]) <= 0.1
 
 
+def _matched_detections(model, exported, images) -> tuple[int, int]:
+    """Eager's confident detections (score >= 0.5) that the exported file finds too (IoU >= 0.7), and their count."""
+    matched = considered = 0
+    for image in images:
+        with torch.no_grad():
+            ref = model([image])[0]
+        m, c = match_detections(ref, exported([image])[0], score_thresh=0.5, iou_thresh=0.7)
+        matched, considered = matched + m, considered + c
+    return matched, considered
+
+
 def test_int8_keeps_the_confident_detections(trained, tmp_path):
     model, images, root, _, path = trained
     calib = calibration_images(data_path=root, count=2)
@@ -209,12 +220,7 @@ def test_int8_keeps_the_confident_detections(trained, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) > 10
     exported = load_exported(int8)
     assert exported.runtime == "onnxruntime int8"
-    matched = considered = 0
-    for image in images:
-        with torch.no_grad():
-            ref = model([image])[0]
-        m, c = match_detections(ref, exported([image])[0], score_thresh=0.5, iou_thresh=0.7)
-        matched, considered = matched + m, considered + c
+    matched, considered = _matched_detections(model, exported, images)
     # A model overfitted in 80 steps and calibrated on 2 images is a hard case for int8; the trained
     # shapes model's numbers are in the README.
     assert considered >= 2 and matched >= 0.75 * considered
@@ -244,12 +250,7 @@ def test_int8_linear_quantises_the_box_head_too(trained, tmp_path):
     assert fc_bytes > 0
     assert convs_only.stat().st_size - with_fc.stat().st_size > 0.7 * fc_bytes  # int8 weights: a quarter of their float32 bytes
     exported = load_exported(with_fc)
-    matched = considered = 0
-    for image in images:
-        with torch.no_grad():
-            ref = model([image])[0]
-        m, c = match_detections(ref, exported([image])[0], score_thresh=0.5, iou_thresh=0.7)
-        matched, considered = matched + m, considered + c
+    matched, considered = _matched_detections(model, exported, images)
     assert considered >= 2 and matched >= 0.75 * considered
 
 
