@@ -93,6 +93,11 @@ def test_checkpoints_only_times_the_files_beside_the_torchvision_reference(tmp_p
     capsys.readouterr()
     assert tool.main(["--only", "detector", "--checkpoints-only", "--output-dir", str(out)]) == 2
     assert "--checkpoints-only needs --checkpoints" in one_error_line(capsys.readouterr().err)
+    assert tool.main(["--only", "detector", "--int8-linear", "--output-dir", str(out)]) == 2
+    assert "--int8-linear quantises the --checkpoints files' int8 exports" in one_error_line(capsys.readouterr().err)
+    assert tool.main(["--only", "detector", "--int8-linear", "--no-export", "--checkpoints", str(path), "--output-dir", str(out / "x")]) == 2
+    assert "without --no-export" in one_error_line(capsys.readouterr().err)
+    assert not (out / "x").exists()
 
 
 def test_int8_linear_times_the_files_int8_exports_with_their_fully_connected_layers(tmp_path):

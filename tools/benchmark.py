@@ -103,6 +103,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             return fail(f"--checkpoints {path} is not a detector or segmenter file (it is a {info.kind!r} file)")
     if args.checkpoints_only and not args.checkpoints:
         return fail("--checkpoints-only needs --checkpoints")
+    if args.int8_linear and (not args.checkpoints or args.no_export):
+        return fail("--int8-linear quantises the --checkpoints files' int8 exports: pass --checkpoints, without --no-export")
     if "video" in args.only and not any(identify(p).kind in ("detector", "training_state") for p in args.checkpoints):
         return fail("--only video needs --checkpoints naming at least one Faster/Mask R-CNN file to run on the clip")
     device = torch.device(args.device)
