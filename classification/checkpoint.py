@@ -7,10 +7,9 @@ counts differ):
 * a **classifier** file (``model_final.pth``, ``model_ema.pth``, ``save_classifier``):
   ``model``, ``arch`` (``resnet18`` / ``resnet34``), ``classes`` (names in label
   order), and optionally ``config`` and ``iteration``;
-* a **classifier training state** (``checkpoint.pth``,
-  ``save_classifier_training_state``): the classifier keys plus ``optimizer``,
-  ``scheduler``, ``scaler``, ``model_ema`` (empty without EMA), ``epoch`` and
-  ``iteration``.
+* a **classifier training state** (``checkpoint.pth``, written by the runner,
+  ``engine.runner.state``): the classifier keys plus ``optimizer``, ``scheduler``,
+  ``scaler``, ``epoch``, ``iteration``, ``config`` and ``model_ema`` (empty without EMA).
 
 Both are written atomically and read with ``torch.load(..., weights_only=True)``.
 """
@@ -26,23 +25,36 @@ import torch
 from torch import nn
 
 from engine.files import FORMAT_VERSION, CheckpointError, atomic_save, check_keys, read_torch_file, source_name, unwrap
+from engine.runner.state import STATE_KEYS, read_training_state
 
 from .config import BACKBONES
 
 __all__ = [
     "CLASSIFIER_KEYS",
     "CLASSIFIER_TRAINING_KEYS",
+    "classifier_record",
     "load_classifier",
     "read_classifier_training_state",
     "save_classifier",
-    "save_classifier_training_state",
 ]
 
 CLASSIFIER_KEYS = ("model", "arch", "classes")
-CLASSIFIER_TRAINING_KEYS = CLASSIFIER_KEYS + ("optimizer", "scheduler", "scaler", "model_ema", "epoch", "iteration", "config")
+CLASSIFIER_TRAINING_KEYS = CLASSIFIER_KEYS + STATE_KEYS + ("model_ema",)
+TRAINING_STATE_FILE = "classifier training checkpoint (checkpoint.pth from tools/train_cls.py)"
 
 
-def _classifier_record(model: nn.Module, arch: str, classes: list[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+def classifier_record(model: nn.Module, arch: str, classes: list[str], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A classifier file as a dict: ``model`` (torchvision's names), ``arch``, ``classes``, ``format_version`` and ``extra``.
+
+    Args:
+        model: the ResNet (possibly wrapped in DDP).
+        arch: ``"resnet18"`` or ``"resnet34"``.
+        classes: class names in label order.
+        extra: more of the file's keys (``config``, ``iteration``).
+
+    Raises:
+        ValueError: ``arch`` is not a known backbone.
+    """
     if arch not in BACKBONES:
         raise ValueError(f"arch must be one of {list(BACKBONES)}, got {arch!r}")
     state = {k: v.detach().contiguous() for k, v in unwrap(model).state_dict().items()}
@@ -72,7 +84,7 @@ def save_classifier(
         The destination path.
     """
     extra = {k: v for k, v in {"config": None if config is None else dict(config), "iteration": iteration}.items() if v is not None}
-    return atomic_save(_classifier_record(model, arch, classes, extra), path)
+    return atomic_save(classifier_record(model, arch, classes, extra), path)
 
 
 def load_classifier(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
@@ -111,48 +123,8 @@ def load_classifier(checkpoint: str | os.PathLike | Mapping[str, Any], *, device
     return model.to(device).eval()
 
 
-def save_classifier_training_state(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    arch: str,
-    classes: list[str],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    model_ema: nn.Module | None,
-    epoch: int,
-    iteration: int,
-    config: Mapping[str, Any],
-) -> Path:
-    """Write everything an iteration-exact classification resume needs, atomically.
-
-    Args:
-        path: destination (``checkpoint.pth``).
-        model: the classifier (possibly DDP-wrapped).
-        arch: ``"resnet18"`` or ``"resnet34"``.
-        classes: class names in label order.
-        optimizer: its optimizer.
-        scheduler: the per-iteration LR scheduler.
-        scaler: the ``GradScaler`` (its state is empty when disabled).
-        model_ema: the ``AveragedModel`` of the weights, or ``None``.
-        epoch: epochs completed.
-        iteration: iterations completed.
-        config: the run's config.
-
-    Returns:
-        The destination path.
-    """
-    state = {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "model_ema": model_ema.state_dict() if model_ema is not None else {},
-        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config),
-    }
-    return atomic_save(_classifier_record(model, arch, classes, state), path)
-
-
 def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a classification ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+    """Read a classification ``checkpoint.pth`` for ``--resume`` (``engine.runner.read_training_state`` with the classifier's keys).
 
     Args:
         path: the training state file.
@@ -162,6 +134,4 @@ def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
         FileFormatError: its bytes are not a torch checkpoint.
         CheckpointError: it is readable but not a classifier training state.
     """
-    ckpt = read_torch_file(path)
-    return dict(check_keys(ckpt, CLASSIFIER_TRAINING_KEYS, "classifier training checkpoint (checkpoint.pth from tools/train_cls.py)", path))
-
+    return read_training_state(path, model_keys=CLASSIFIER_KEYS + ("model_ema",), what=TRAINING_STATE_FILE)

@@ -63,9 +63,6 @@ CLASSIFICATION = RUN.extend(
         "lr_steps": [30, 60],
         "warmup_factor": 0.01,
         "sync_bn": False,
-        "norm_weight_decay": None,  # null: weight_decay; 0: none on normalisation layers
-        "bias_weight_decay": None,  # null: weight_decay; 0: none on biases
-        "warmup_epochs": 0,  # linear warm-up, in (possibly fractional) epochs
         "label_smoothing": 0.0,
         "ema": False,  # evaluate and save an exponential moving average of the weights too
         "ema_steps": 32,  # iterations between EMA updates
@@ -90,9 +87,6 @@ CLASSIFICATION = RUN.extend(
         "hflip": BOOL,
         "val_resize_size": POS_INT,
         "val_crop_size": POS_INT,
-        "norm_weight_decay": optional(NONNEG_NUM),
-        "bias_weight_decay": optional(NONNEG_NUM),
-        "warmup_epochs": NONNEG_NUM,
         "label_smoothing": ("a number in [0, 1)", lambda v: NONNEG_NUM[1](v) and v < 1),
         "ema": BOOL,
         "ema_steps": POS_INT,

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 
 from backbones.resnet import ResNet, resnet
 from backbones.weights import imagenet_file, load_pretrained, normalize_state_dict, read_checkpoint
-from classification.checkpoint import read_classifier_training_state, save_classifier, save_classifier_training_state
+from classification.checkpoint import CLASSIFIER_KEYS, classifier_record, save_classifier
 from classification.data import ImageFolder, build_cls_transform, prepare_cls_data_root
 from engine.plots import plot_curves
 from engine import distributed as dist_utils
@@ -92,10 +92,25 @@ def build_ema(model: nn.Module, cfg: dict[str, Any], world: int) -> AveragedMode
     return ema
 
 
+class EmaUpdate(runner.Hook):
+    """Update the moving average every ``ema_steps`` iterations; during warm-up it restarts from the current weights."""
+
+    def after_step(self, state: TrainState, data: TrainData, run: Run, epoch: int) -> None:
+        cfg = run.cfg
+        if state.ema is not None and state.iteration % cfg["ema_steps"] == 0:
+            state.ema.update_parameters(state.model)
+            if epoch < cfg["warmup_epochs"]:
+                # torchvision's reference: during warm-up the average restarts from the current weights.
+                state.ema.n_averaged.fill_(0)
+
+
 class ClassificationTask(runner.Task):
     """A ResNet-18/34 classifier on an ImageFolder (or the shapes crops)."""
 
     tool = "tools/train_cls.py"
+    model_keys = CLASSIFIER_KEYS + ("model_ema",)
+    state_file = "classifier training checkpoint"
+    ema_key = True
 
     def build_data(self, cfg: dict[str, Any], run: Run) -> ClsData:
         root = prepare_cls_data_root(cfg, is_main=run.is_main, barrier=dist_utils.barrier)
@@ -122,8 +137,8 @@ class ClassificationTask(runner.Task):
     def build_ema(self, model: nn.Module, cfg: dict[str, Any], run: Run) -> AveragedModel | None:
         return build_ema(model, cfg, run.world)
 
-    def warmup_iters(self, cfg: dict[str, Any], data: TrainData) -> int:
-        return int(round(cfg["warmup_epochs"] * data.iters_per_epoch))
+    def hooks(self, cfg: dict[str, Any], run: Run) -> list[runner.Hook]:
+        return [EmaUpdate()] if cfg["ema"] else []
 
     def prepare_batch(self, batch: Any, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
@@ -131,21 +146,8 @@ class ClassificationTask(runner.Task):
         memory_format = torch.channels_last if run.cfg["channels_last"] else torch.contiguous_format
         return images.to(run.device, non_blocking=pin, memory_format=memory_format), targets.to(run.device, non_blocking=pin)
 
-    def after_step(self, state: TrainState, cfg: dict[str, Any], epoch: int) -> None:
-        if state.ema is not None and state.iteration % cfg["ema_steps"] == 0:
-            state.ema.update_parameters(state.model)
-            if epoch < cfg["warmup_epochs"]:
-                # torchvision's reference: during warm-up the average restarts from the current weights.
-                state.ema.n_averaged.fill_(0)
-
-    def save_checkpoint(self, state: TrainState, data: ClsData, run: Run, path: Path, *, epoch: int) -> None:
-        save_classifier_training_state(
-            path, model=state.model, arch=run.cfg["backbone"], classes=data.classes, optimizer=state.optimizer,
-            scheduler=state.scheduler, scaler=state.scaler, model_ema=state.ema, epoch=epoch, iteration=state.iteration, config=run.cfg,
-        )
-
-    def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        return read_classifier_training_state(path)
+    def model_record(self, state: TrainState, data: ClsData, run: Run) -> dict[str, Any]:
+        return classifier_record(state.model, run.cfg["backbone"], data.classes, {})
 
     def evaluate(self, state: TrainState, data: ClsData, run: Run) -> dict[str, float]:
         cfg = run.cfg
@@ -214,7 +216,9 @@ def preflight_cls(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
     return cfg
 
 
-def train_classifier(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True) -> dict[str, Any]:
+def train_classifier(
+    cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True, hooks: Sequence[runner.Hook] = ()
+) -> dict[str, Any]:
     """Train a ResNet classifier as ``cfg`` says (``engine.runner.train`` with the classification task).
 
     Rank 0 writes to ``cfg["output_dir"]``: ``config.yaml``, ``log.txt``, ``metrics.jsonl``,
@@ -225,9 +229,10 @@ def train_classifier(cfg: dict[str, Any], *, resume: str | Path | bool | None = 
         cfg: a validated classification config (``classification.CLASSIFICATION``).
         resume: ``True`` to resume from ``output_dir/checkpoint.pth``, a path, or ``None``.
         progress: show tqdm bars.
+        hooks: your own ``engine.runner.Hook`` s on the run's events (after step, checkpoint, evaluation, end).
 
     Returns:
         ``{"iteration", "metrics" (the last evaluation), "seconds", "classes"}``.
     """
-    result = runner.train(TASK, cfg, resume=resume, progress=progress)
+    result = runner.train(TASK, cfg, resume=resume, progress=progress, hooks=hooks)
     return {"iteration": result["iteration"], "metrics": result["metrics"], "seconds": result["seconds"], "classes": result["data"].classes}

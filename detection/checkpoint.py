@@ -9,9 +9,10 @@ atomically (a kill at any moment leaves the previous file or the new one):
   ``category_mapping`` (``{"cat_ids", "names"}``), ``config``, ``iteration`` and, for a
   pruned model, ``channel_plan`` (``{module name: {width attribute: value}}``, the widths
   that differ from the architecture ``build_args`` describe: ``detection.pruning``);
-* a **training state** (``checkpoint.pth``, ``save_training_state``): the detector keys
-  plus ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` and ``iteration``, which is
-  what an iteration-exact ``--resume`` needs.
+* a **training state** (``checkpoint.pth``, written by the runner, ``engine.runner.state``):
+  the detector keys with ``category_mapping``, plus the runner's ``optimizer``,
+  ``scheduler``, ``scaler``, ``epoch``, ``iteration`` and ``config``, which is what an
+  iteration-exact ``--resume`` needs.
 
 A detector file is also what ``load_detector`` takes, and a training state is a
 detector file too, so either rebuilds the model. ``deploy.files`` tells the kinds apart
@@ -31,6 +32,8 @@ from torch import nn
 from backbones.weights import read_checkpoint
 
 from engine.files import FORMAT_VERSION, CheckpointError, atomic_save, check_keys, read_torch_file, source_name, unwrap
+from engine.runner.state import STATE_KEYS
+from engine.runner.state import read_training_state as runner_read_training_state
 
 from .models import rebuild_detector
 
@@ -39,21 +42,32 @@ __all__ = [
     "TRAINING_KEYS",
     "CheckpointError",
     "check_init_checkpoint",
+    "detector_record",
     "load_detector",
     "load_detector_for_training",
     "read_checkpoint",
     "read_training_state",
     "save_detector",
-    "save_training_state",
 ]
 
 # The keys each kind must hold (deploy.files tells the kinds apart by them).
 DETECTOR_KEYS = ("model", "build_args")
-TRAINING_KEYS = DETECTOR_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config", "category_mapping")
+TRAINING_MODEL_KEYS = DETECTOR_KEYS + ("category_mapping",)  # a training state's model record
+TRAINING_KEYS = TRAINING_MODEL_KEYS + STATE_KEYS
+TRAINING_STATE_FILE = "training checkpoint (checkpoint.pth from tools/train_det.py)"
 OPTIONAL_KEYS = ("category_mapping", "config", "iteration", "format_version", "channel_plan")
 
 
-def _detector_record(model: nn.Module, extra: Mapping[str, Any]) -> dict[str, Any]:
+def detector_record(model: nn.Module, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A detector file as a dict: ``model``, ``build_args``, ``format_version``, ``channel_plan`` when pruned, and ``extra``.
+
+    Args:
+        model: a model from ``build_detector`` (possibly wrapped in DDP).
+        extra: more of the file's keys (``category_mapping``, ``config``, ``iteration``).
+
+    Raises:
+        ValueError: the model cannot be rebuilt from a file (no ``build_args``), or ``extra`` holds an unknown key.
+    """
     model = unwrap(model)
     if not hasattr(model, "build_args"):
         raise ValueError("model has no build_args: build it with detection.build_detector to make it reloadable")
@@ -89,7 +103,7 @@ def save_detector(
         The destination path.
     """
     extra = {"category_mapping": category_mapping, "config": config, "iteration": iteration}
-    return atomic_save(_detector_record(model, {k: v for k, v in extra.items() if v is not None}), path)
+    return atomic_save(detector_record(model, {k: v for k, v in extra.items() if v is not None}), path)
 
 
 def load_detector(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
@@ -203,43 +217,8 @@ def load_detector_for_training(
     return model.train()
 
 
-def save_training_state(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    epoch: int,
-    iteration: int,
-    config: Mapping[str, Any],
-    category_mapping: Mapping[str, Any],
-) -> Path:
-    """Write everything an iteration-exact resume needs, atomically.
-
-    Args:
-        path: destination (``checkpoint.pth``).
-        model: the detector (possibly DDP-wrapped).
-        optimizer: its optimizer.
-        scheduler: the per-iteration LR scheduler.
-        scaler: the ``GradScaler`` (its state is empty when disabled).
-        epoch: epochs completed.
-        iteration: iterations completed.
-        config: the run's config.
-        category_mapping: the training data's category mapping.
-
-    Returns:
-        The destination path.
-    """
-    state = {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config), "category_mapping": dict(category_mapping),
-    }
-    return atomic_save(_detector_record(model, state), path)
-
-
 def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+    """Read a detection ``checkpoint.pth`` for ``--resume`` (``engine.runner.read_training_state`` with the detector's keys).
 
     Args:
         path: the training state file.
@@ -250,5 +229,4 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: it is readable but not a training state (e.g. a
             ``model_final.pth``, which has no optimizer).
     """
-    ckpt = read_torch_file(path)
-    return dict(check_keys(ckpt, TRAINING_KEYS, "training checkpoint (checkpoint.pth from tools/train_det.py)", path))
+    return runner_read_training_state(path, model_keys=TRAINING_MODEL_KEYS, what=TRAINING_STATE_FILE)

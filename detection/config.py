@@ -120,7 +120,6 @@ DETECTION = RUN.extend(
         "shapes_val": POS_INT,
         "shapes_size": ("an integer >= 32", lambda v: is_int(v) and v >= 32),
         "shapes_seed": NONNEG_INT,
-        "warmup_iters": NONNEG_INT,
         "num_vis": NONNEG_INT,
     },
     extra=_check_detector,

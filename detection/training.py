@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -27,9 +27,10 @@ from .checkpoint import (
     check_init_checkpoint,
     load_detector_for_training,
     read_checkpoint,
+    TRAINING_MODEL_KEYS,
+    detector_record,
     read_training_state,
     save_detector,
-    save_training_state,
 )
 from .data import CocoDetection, GroupedBatchSampler, build_transforms, collate_fn, create_aspect_ratio_groups
 from engine.roots import find_splits, prepare_data_root
@@ -69,6 +70,8 @@ class DetectionTask(runner.Task):
     """Faster R-CNN / Mask R-CNN / RetinaNet / FCOS on COCO-layout data (or the shapes set)."""
 
     tool = "tools/train_det.py"
+    model_keys = TRAINING_MODEL_KEYS
+    state_file = "training checkpoint"
 
     def build_data(self, cfg: dict[str, Any], run: Run) -> DetectionData:
         root, train_split, val_split = prepare_data_root(cfg, is_main=run.is_main, barrier=dist_utils.barrier)
@@ -119,14 +122,8 @@ class DetectionTask(runner.Task):
     def batch_ids(self, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         return {"image_ids": [int(t["image_id"]) for t in targets]}
 
-    def save_checkpoint(self, state: TrainState, data: DetectionData, run: Run, path: Path, *, epoch: int) -> None:
-        save_training_state(
-            path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
-            epoch=epoch, iteration=state.iteration, config=run.cfg, category_mapping=data.category_mapping,
-        )
-
-    def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        return read_training_state(path)
+    def model_record(self, state: TrainState, data: DetectionData, run: Run) -> dict[str, Any]:
+        return detector_record(state.model, {"category_mapping": data.category_mapping})
 
     def evaluate(self, state: TrainState, data: DetectionData, run: Run) -> dict[str, float]:
         try:
@@ -216,7 +213,9 @@ def preflight(cfg: dict[str, Any], *, resume: str | Path | bool | None = None) -
     return cfg
 
 
-def train(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True, hooks: Sequence[runner.Hook] = ()
+) -> dict[str, Any]:
     """Train a detector as ``cfg`` says (``engine.runner.train`` with the detection task).
 
     Rank 0 writes to ``cfg["output_dir"]``: ``config.yaml``, ``log.txt``, ``metrics.jsonl``,
@@ -226,9 +225,10 @@ def train(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progr
         cfg: a validated detection config (``detection.config.DETECTION``).
         resume: ``True`` to resume from ``output_dir/checkpoint.pth``, a path, or ``None``.
         progress: show tqdm bars.
+        hooks: your own ``engine.runner.Hook`` s on the run's events (after step, checkpoint, evaluation, end).
 
     Returns:
         ``{"iteration", "metrics" (the last evaluation), "seconds"}``.
     """
-    result = runner.train(TASK, cfg, resume=resume, progress=progress)
+    result = runner.train(TASK, cfg, resume=resume, progress=progress, hooks=hooks)
     return {k: result[k] for k in ("iteration", "metrics", "seconds")}

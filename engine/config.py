@@ -148,6 +148,10 @@ RUN = Schema(
         "lr_steps": [8, 11],  # epochs, for multistep
         "lr_gamma": 0.1,
         "warmup_factor": 0.001,  # lr fraction the warm-up starts from
+        "warmup_iters": 0,  # linear warm-up, in iterations ...
+        "warmup_epochs": 0,  # ... plus this many (possibly fractional) epochs
+        "norm_weight_decay": None,  # null: weight_decay; 0: none on normalisation layers
+        "bias_weight_decay": None,  # null: weight_decay; 0: none on biases
         "clip_grad_norm": None,
         "amp": False,
         "amp_dtype": None,  # null: bfloat16 on CPU, float16 on CUDA
@@ -179,6 +183,10 @@ RUN = Schema(
         "lr_steps": ("a list of epochs (non-negative numbers)", lambda v: isinstance(v, list) and all(NONNEG_NUM[1](x) for x in v)),
         "lr_gamma": POS_NUM,
         "warmup_factor": ("a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1),
+        "warmup_iters": NONNEG_INT,
+        "warmup_epochs": NONNEG_NUM,
+        "norm_weight_decay": optional(NONNEG_NUM),
+        "bias_weight_decay": optional(NONNEG_NUM),
         "clip_grad_norm": optional(POS_NUM),
         "amp": BOOL,
         "amp_dtype": choice(None, "bfloat16", "float16"),

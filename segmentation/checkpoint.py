@@ -11,9 +11,9 @@ is written atomically (a kill at any moment leaves the previous file or the new 
   first for data with a background);
 * ``format_version``, and optionally ``config`` (the training config) and ``iteration``.
 
-A **segmenter training state** (``checkpoint.pth``, ``save_segmenter_training_state``) is
-a segmenter file plus ``optimizer``, ``scheduler``, ``scaler``, ``epoch``, ``iteration``
-and ``config``: what an iteration-exact ``tools/train_seg.py --resume`` needs. Being a
+A **segmenter training state** (``checkpoint.pth``, written by the runner,
+``engine.runner.state``) is a segmenter file plus ``optimizer``, ``scheduler``, ``scaler``,
+``epoch``, ``iteration`` and ``config``: what an iteration-exact ``tools/train_seg.py --resume`` needs. Being a
 segmenter file too, it is also what ``load_segmenter`` takes.
 """
 
@@ -30,6 +30,7 @@ from torch import nn
 from backbones.weights import read_checkpoint
 from engine.files import CheckpointError  # the project's error for a readable file of the wrong kind
 from engine.files import atomic_save
+from engine.runner.state import STATE_KEYS, read_training_state
 
 from .models import ARCHS, rebuild_segmenter
 
@@ -40,16 +41,26 @@ __all__ = [
     "load_segmenter",
     "read_segmenter_training_state",
     "save_segmenter",
-    "save_segmenter_training_state",
+    "segmenter_record",
 ]
 
 FORMAT_VERSION = 1
 SEGMENTER_KEYS = ("model", "build_args", "class_names")
-SEGMENTER_TRAINING_KEYS = SEGMENTER_KEYS + ("optimizer", "scheduler", "scaler", "epoch", "iteration", "config")
+SEGMENTER_TRAINING_KEYS = SEGMENTER_KEYS + STATE_KEYS
+TRAINING_STATE_FILE = "segmentation training checkpoint (checkpoint.pth from tools/train_seg.py)"
 OPTIONAL_KEYS = ("config", "iteration", "format_version")
 
 
-def _segmenter_record(model: nn.Module, class_names: Sequence[str]) -> dict[str, Any]:
+def segmenter_record(model: nn.Module, class_names: Sequence[str]) -> dict[str, Any]:
+    """A segmenter file as a dict: ``model``, ``build_args``, ``class_names`` and ``format_version``.
+
+    Args:
+        model: a model from ``build_segmenter`` (possibly wrapped in DDP).
+        class_names: one name per output channel, in label order.
+
+    Raises:
+        ValueError: the model has no ``build_args``, or the names do not match its classes.
+    """
     model = getattr(model, "module", model)
     build_args = getattr(model, "build_args", None)
     if not isinstance(build_args, Mapping):
@@ -86,7 +97,7 @@ def save_segmenter(
     Returns:
         The destination path.
     """
-    record = _segmenter_record(model, class_names)
+    record = segmenter_record(model, class_names)
     if config is not None:
         record["config"] = dict(config)
     if iteration is not None:
@@ -94,44 +105,8 @@ def save_segmenter(
     return atomic_save(record, path)
 
 
-def save_segmenter_training_state(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    class_names: Sequence[str],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    epoch: int,
-    iteration: int,
-    config: Mapping[str, Any],
-) -> Path:
-    """Write everything an iteration-exact segmentation resume needs, atomically.
-
-    Args:
-        path: destination (``checkpoint.pth``).
-        model: the segmenter (possibly DDP-wrapped).
-        class_names: one name per output channel, in label order.
-        optimizer: its optimizer.
-        scheduler: the per-iteration LR scheduler.
-        scaler: the ``GradScaler`` (its state is empty when disabled).
-        epoch: epochs completed.
-        iteration: iterations completed.
-        config: the run's config.
-
-    Returns:
-        The destination path.
-    """
-    record = _segmenter_record(model, class_names)
-    record.update({
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": int(epoch), "iteration": int(iteration), "config": dict(config),
-    })
-    return atomic_save(record, path)
-
-
 def read_segmenter_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a segmentation ``checkpoint.pth`` for ``--resume`` and check it holds every training key.
+    """Read a segmentation ``checkpoint.pth`` for ``--resume`` (``engine.runner.read_training_state`` with the segmenter's keys).
 
     Args:
         path: the training state file.
@@ -141,18 +116,11 @@ def read_segmenter_training_state(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: it is readable but not a segmenter training state (e.g. a
             ``model_final.pth``, which has no optimizer, or a detector's checkpoint).
     """
-    ckpt = read_checkpoint(path)
-    missing = [k for k in SEGMENTER_TRAINING_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
-    if missing:
-        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path} is not a segmentation training checkpoint (checkpoint.pth from tools/train_seg.py): "
-            f"it lacks {missing} (found {found})"
-        )
+    ckpt = read_training_state(path, model_keys=SEGMENTER_KEYS, what=TRAINING_STATE_FILE)
     arch = ckpt["build_args"].get("arch") if isinstance(ckpt["build_args"], Mapping) else None
     if arch not in ARCHS:
-        raise CheckpointError(f"{path} is not a segmentation training checkpoint: its arch is {arch!r}, a segmenter's is one of {list(ARCHS)}")
-    return dict(ckpt)
+        raise CheckpointError(f"{path} is not a {TRAINING_STATE_FILE}: its arch is {arch!r}, a segmenter's is one of {list(ARCHS)}")
+    return ckpt
 
 
 def load_segmenter(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:

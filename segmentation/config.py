@@ -128,7 +128,6 @@ SEGMENTATION = RUN.extend(
         "shapes_val": POS_INT,
         "shapes_size": ("an integer >= 64", lambda v: is_int(v) and v >= 64),
         "shapes_seed": NONNEG_INT,
-        "warmup_iters": NONNEG_INT,
         "num_vis": NONNEG_INT,
     },
     extra=_check_seg,

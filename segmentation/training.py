@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from engine.files import atomic_write_text
 from engine.plots import plot_curves, save_image
 from engine.runner import MetricsLog, Run, TrainData, TrainState
 
-from .checkpoint import read_segmenter_training_state, save_segmenter, save_segmenter_training_state
+from .checkpoint import SEGMENTER_KEYS, read_segmenter_training_state, save_segmenter, segmenter_record
 from .data import (
     COCO_VOC_CATEGORIES,
     IGNORE_INDEX,
@@ -272,6 +272,8 @@ class SegmentationTask(runner.Task):
     """DeepLabV3 / FCN / semantic FPN on ResNet-18/34, on COCO-format, VOC or shapes class maps."""
 
     tool = "tools/train_seg.py"
+    model_keys = SEGMENTER_KEYS
+    state_file = "segmentation training checkpoint"
 
     def build_data(self, cfg: dict[str, Any], run: Run) -> SegData:
         root, fmt, train_split, val_split = resolve_seg_data(cfg, is_main=run.is_main, barrier=dist_utils.barrier)
@@ -312,11 +314,8 @@ class SegmentationTask(runner.Task):
         memory_format = torch.channels_last if run.cfg["channels_last"] else torch.contiguous_format
         return images.to(run.device, non_blocking=pin, memory_format=memory_format), masks.to(run.device, non_blocking=pin)
 
-    def save_checkpoint(self, state: TrainState, data: SegData, run: Run, path: Path, *, epoch: int) -> None:
-        save_segmenter_training_state(
-            path, model=state.model, class_names=data.class_names, optimizer=state.optimizer, scheduler=state.scheduler,
-            scaler=state.scaler, epoch=epoch, iteration=state.iteration, config=run.cfg,
-        )
+    def model_record(self, state: TrainState, data: SegData, run: Run) -> dict[str, Any]:
+        return segmenter_record(state.model, data.class_names)
 
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
         return read_segmenter_training_state(path)
@@ -393,7 +392,9 @@ def preflight_seg(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
     return cfg
 
 
-def train_segmenter(cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True) -> dict[str, Any]:
+def train_segmenter(
+    cfg: dict[str, Any], *, resume: str | Path | bool | None = None, progress: bool = True, hooks: Sequence[runner.Hook] = ()
+) -> dict[str, Any]:
     """Train a segmenter as ``cfg`` says (``engine.runner.train`` with the segmentation task).
 
     Rank 0 writes to ``cfg["output_dir"]``: ``config.yaml``, ``log.txt``, ``metrics.jsonl``,
@@ -404,10 +405,11 @@ def train_segmenter(cfg: dict[str, Any], *, resume: str | Path | bool | None = N
         cfg: a validated segmentation config (``segmentation.config.SEGMENTATION``).
         resume: ``True`` to resume from ``output_dir/checkpoint.pth``, a path, or ``None``.
         progress: show tqdm bars.
+        hooks: your own ``engine.runner.Hook`` s on the run's events (after step, checkpoint, evaluation, end).
 
     Returns:
         ``{"iteration", "metrics" (the last evaluation), "seconds", "class_names"}``.
     """
-    result = runner.train(TASK, cfg, resume=resume, progress=progress)
+    result = runner.train(TASK, cfg, resume=resume, progress=progress, hooks=hooks)
     return {"iteration": result["iteration"], "metrics": result["metrics"], "seconds": result["seconds"],
             "class_names": result["data"].class_names}

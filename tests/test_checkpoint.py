@@ -14,10 +14,11 @@ from detection.checkpoint import (
     TRAINING_KEYS,
     CheckpointError,
     atomic_save,
+    detector_record,
     read_checkpoint,
     read_training_state,
-    save_training_state,
 )
+from engine.runner import TrainState, save_training_state
 
 SMALL = dict(min_size=64, max_size=64, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
 
@@ -46,16 +47,18 @@ def test_training_state_holds_every_training_key_and_is_a_detector_file_too(tmp_
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    save_training_state(tmp_path / "c.pth", model=model, optimizer=opt, scheduler=sched, scaler=scaler, epoch=1,
-                        iteration=9, config={"lr": 0.1}, category_mapping={"cat_ids": [1, 2], "names": ["a", "b"]})
+    train_state = TrainState(model, model, opt, sched, scaler, False, torch.bfloat16, 0.1, iteration=9)
+    record = detector_record(model, {"category_mapping": {"cat_ids": [1, 2], "names": ["a", "b"]}})
+    save_training_state(tmp_path / "c.pth", train_state, record, epoch=1, config={"lr": 0.1})
     state = read_training_state(tmp_path / "c.pth")
-    assert set(TRAINING_KEYS) <= set(state) and state["iteration"] == 9 and state["epoch"] == 1
+    assert set(TRAINING_KEYS) <= set(state) and state["iteration"] == 9 and state["epoch"] == 1 and state["config"] == {"lr": 0.1}
+    assert "model_ema" not in state  # only a run with EMA writes it
     assert load_detector(tmp_path / "c.pth").build_args["arch"] == "faster_rcnn"
 
 
 def test_a_model_file_is_not_a_training_state_and_junk_is_not_a_detector(tmp_path):
     save_detector(_model(), tmp_path / "model_final.pth")
-    with pytest.raises(CheckpointError, match=r"not a training checkpoint.*lacks \['optimizer', 'scheduler'"):
+    with pytest.raises(CheckpointError, match=r"not a training checkpoint.*lacks \[.*'optimizer', 'scheduler'"):
         read_training_state(tmp_path / "model_final.pth")
     torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "trunk.pth")
     with pytest.raises(CheckpointError, match=r"not a detector checkpoint.*lacks \['model', 'build_args'\]"):

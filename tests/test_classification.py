@@ -177,7 +177,7 @@ def test_no_weight_decay_on_norm_and_bias():
     assert all(".bn" in n or "downsample.1" in n or n.startswith("bn1") or n == "fc.bias" for n in no_decay)
     assert len(no_decay) == 2 * 20 + 1  # weight and bias of 20 BatchNorms, and fc.bias
     assert len(by_decay[1e-4]) == 21  # 20 convolutions and fc.weight
-    plain = build_optimizer(model, {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4}, 0.1)
+    plain = build_optimizer(model, {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "norm_weight_decay": None, "bias_weight_decay": None}, 0.1)
     assert len(plain.param_groups) == 1 and plain.param_groups[0]["weight_decay"] == 1e-4
 
 

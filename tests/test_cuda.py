@@ -74,7 +74,7 @@ def _train_steps(arch: str, depth: int, device: torch.device, dtype: torch.dtype
     images, targets = _batch(device, masks=arch == "mask_rcnn")
     fp16 = dtype == torch.float16
     # fp16 runs the shapes recipe's optimiser (AdamW), bf16 the COCO recipes' (SGD); both fused where the build has it.
-    optimizer = build_optimizer(model, {"optimizer": "adamw" if fp16 else "sgd", "momentum": 0.9, "weight_decay": 1e-4}, 1e-3)
+    optimizer = build_optimizer(model, {"optimizer": "adamw" if fp16 else "sgd", "momentum": 0.9, "weight_decay": 1e-4, "norm_weight_decay": None, "bias_weight_decay": None}, 1e-3)
     # A moderate initial scale: at the default 2**16 the first fp16 steps of a random detector may
     # overflow and be skipped, which is GradScaler working, but would leave nothing to check here.
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=fp16)
@@ -296,7 +296,7 @@ def _seg_train_steps(arch: str, depth: int, output_stride: int, device: torch.de
     masks[:, :6] = 255  # ignored rows, as VOC's borders
     masks = masks.to(device)
     fp16 = dtype == torch.float16
-    optimizer = build_optimizer(model, {"optimizer": "adamw" if fp16 else "sgd", "momentum": 0.9, "weight_decay": 1e-4}, 1e-3)
+    optimizer = build_optimizer(model, {"optimizer": "adamw" if fp16 else "sgd", "momentum": 0.9, "weight_decay": 1e-4, "norm_weight_decay": None, "bias_weight_decay": None}, 1e-3)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=fp16)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}

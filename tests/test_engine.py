@@ -234,3 +234,57 @@ def test_preflight_finds_the_imagenet_file_before_any_work(tmp_path, monkeypatch
     imagenet_cache_path(34).parent.mkdir(parents=True, exist_ok=True)
     imagenet_cache_path(34).write_bytes(b"present")  # preflight checks presence; loading verifies the hash
     assert training.preflight(_cfg(tmp_path / "run", "backbone=resnet34", "weights_backbone=imagenet"))["backbone"] == "resnet34"
+
+
+class _Recorder(runner.Hook):
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def before_train(self, state, data, run):
+        self.events.append(("before_train", state.iteration))
+
+    def after_step(self, state, data, run, epoch):
+        self.events.append(("step", state.iteration))
+
+    def after_checkpoint(self, state, data, run, path):
+        assert path.is_file()
+        self.events.append(("checkpoint", state.iteration))
+
+    def after_evaluation(self, state, data, run, metrics):
+        self.events.append(("evaluation", state.iteration, "bbox/AP" in metrics))
+
+    def after_train(self, state, data, run, final):
+        self.events.append(("after_train", state.iteration))
+
+
+def test_hooks_see_every_event_in_order_task_hooks_first(tmp_path, cache, monkeypatch):
+    events: list = []
+    # A task's own hooks run before the user's.
+    monkeypatch.setattr(TASK, "hooks", lambda cfg, run: [_Recorder(events)], raising=False)
+    user: list = []
+    result = training.train(_cfg(tmp_path / "run", "max_iters=3", "checkpoint_period=2", "num_vis=0"), progress=False,
+                            hooks=[_Recorder(user)])
+    assert result["iteration"] == 3
+    expected = [("before_train", 0), ("step", 1), ("step", 2), ("checkpoint", 2), ("step", 3), ("checkpoint", 3),
+                ("evaluation", 3, True), ("after_train", 3)]
+    assert events == expected and user == expected
+
+
+def test_the_runner_reads_only_config_keys_that_RUN_declares():
+    import ast
+
+    from engine.config import RUN
+
+    read = set()
+    for path in (REPO / "engine" / "runner").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                target = node.value
+                if (isinstance(target, ast.Name) and target.id == "cfg") or (isinstance(target, ast.Attribute) and target.attr == "cfg"):
+                    read.add(node.slice.value)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                owner = node.func.value
+                assert not ((isinstance(owner, ast.Name) and owner.id == "cfg") or (isinstance(owner, ast.Attribute) and owner.attr == "cfg")), (
+                    f"{path.name}:{node.lineno} reads cfg.get(...): a key the runner reads is declared in RUN and read as cfg[key]")
+    assert {"warmup_iters", "warmup_epochs", "norm_weight_decay", "clip_grad_norm", "max_nonfinite"} <= read
+    assert read <= set(RUN.defaults), sorted(read - set(RUN.defaults))
