@@ -15,6 +15,7 @@ line and exit 1; Ctrl-C is exit 130; the process group is left in every case.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import sys
@@ -30,11 +31,14 @@ from .coco import AnnotationError
 from .datasets import DataPathError
 
 from . import distributed as dist_utils
-from .config import ConfigError, resolve_device
+from .config import ConfigError, list_recipes, resolve_device
 from .logs import setup_logging
 from .runner import NonFiniteLossError
 
-__all__ = ["DEVICES", "DTYPES", "USER_ERRORS", "fail", "init_device", "parse_dtype", "removed_on_failure", "run_tool"]
+__all__ = [
+    "DEVICES", "DTYPES", "USER_ERRORS", "add_train_flags", "fail", "init_device", "parse_dtype", "recipe_table", "removed_on_failure",
+    "run_tool", "train_overrides",
+]
 
 # A user's mistake (a flag, a file, a folder): one "error: ..." line and exit 2, no traceback.
 # WeightsError covers FileFormatError and the checkpoint errors; DataPathError the data layouts.
@@ -127,3 +131,71 @@ def removed_on_failure(folder: str | Path) -> Iterator[Path]:
         if not existed and folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+# The config keys the shared training flags set (flag --x-y sets key x_y); the task's own flags come on top.
+TRAIN_FLAG_KEYS = ("data_path", "train_split", "val_split", "output_dir", "epochs", "max_iters", "batch_size", "lr", "device", "amp",
+                   "workers", "eval_period", "seed")
+
+
+def add_train_flags(
+    p: argparse.ArgumentParser,
+    *,
+    default_recipe: str,
+    data: str,
+    train_split: str,
+    val_split: str,
+    weights_flag: str = "--weights-backbone",
+    weights: str = "imagenet, none, or a checkpoint path (e.g. from tools/train_cls.py)",
+    set_help: str = "override any config key",
+) -> None:
+    """The flags every training tool shares, defined once: recipe, data, run length, optimiser, device, resume, weights, ``--set``.
+
+    Args:
+        p: the tool's parser (its own flags are added before or after).
+        default_recipe: what runs without ``--config``, for its help line.
+        data: what ``--data-path`` reads.
+        train_split: help of ``--train-split``.
+        val_split: help of ``--val-split``.
+        weights_flag: the initial weights' flag (``--weights-backbone``; ``--weights`` for a classifier).
+        weights: its help line.
+        set_help: help of ``--set``.
+    """
+    p.add_argument("--config", help=f"recipe: a YAML path or a name from configs/ (default: {default_recipe})")
+    p.add_argument("--list-configs", action="store_true", help="list the shipped recipes of this task and exit")
+    p.add_argument("--data-path", help=data)
+    p.add_argument("--train-split", help=train_split)
+    p.add_argument("--val-split", help=val_split)
+    p.add_argument("--output-dir")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-iters", type=int, help="stop after this many iterations (smoke runs)")
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--lr", type=float, help="learning rate for lr_reference_batch images (scaled by the total batch)")
+    p.add_argument("--device", choices=list(DEVICES), help="default: the recipe's (auto: cuda when available)")
+    p.add_argument("--amp", action="store_true", default=None, help="autocast: fp16 + GradScaler on CUDA, bf16 on CPU")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH", help="resume from PATH or OUTPUT_DIR/checkpoint.pth")
+    p.add_argument(weights_flag, help=weights)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--eval-period", type=int, help="epochs between evaluations (0: only at the end)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def train_overrides(args: argparse.Namespace, *own: str) -> dict[str, Any]:
+    """The config overrides of the shared training flags and of the tool's ``own`` keys (``None``: not given).
+
+    Args:
+        args: parsed flags (``add_train_flags`` and the tool's own).
+        own: the tool's own keys, read from the flag of the same name (``weights_backbone``, ``model``, ...).
+    """
+    return {key: getattr(args, key) for key in (*TRAIN_FLAG_KEYS, *own)}
+
+
+def recipe_table(kind: str) -> str:
+    """The shipped recipes of ``kind``, a line each (name, description): what ``--list-configs`` prints.
+
+    Args:
+        kind: ``"detection"``, ``"classification"`` or ``"segmentation"``.
+    """
+    return "\n".join(f"{recipe['name']:<34} {recipe['description']}" for recipe in list_recipes(kind))
