@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from engine import shapes
-from engine.images import read_image_rgb
+from engine.images import IMAGENET_MEAN, IMAGENET_STD, read_image_rgb
 from engine.datasets import DataPathError, cache_root, generate_atomically
 from engine.skips import SkippingDataset
 
@@ -66,8 +66,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKGROUND_CLASS = "background"
 
 

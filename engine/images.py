@@ -15,7 +15,11 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-__all__ = ["as_rgb_array", "exif_orientation", "image_to_tensor", "read_image_rgb", "upright_size"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "as_rgb_array", "exif_orientation", "image_to_tensor", "read_image_rgb", "upright_size"]
+
+# The normalisation torchvision's ImageNet weights were trained with (and every trunk here): RGB in [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # EXIF orientations (2..8) whose upright image has height and width swapped.

@@ -47,14 +47,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
 
 # albumentations asks PyPI for a newer version at import time unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
 from engine.coco import AnnotationError, load_coco_annotations  # noqa: E402
-from engine.images import exif_orientation, image_to_tensor, read_image_rgb, upright_size  # noqa: E402
+from engine.augment import SeededCompose  # noqa: E402
+from engine.images import IMAGENET_MEAN, IMAGENET_STD, exif_orientation, image_to_tensor, read_image_rgb, upright_size  # noqa: E402
 from engine.datasets import generate_atomically  # noqa: E402
 from engine.shapes import SHAPES_CLASSES  # noqa: E402
 from engine.shapes import generate as generate_shapes  # noqa: E402
@@ -83,8 +83,6 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 BACKGROUND = "__background__"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's names for the 21 VOC labels (index = label).
 VOC_CLASSES: tuple[str, ...] = (
     BACKGROUND, "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -208,23 +206,12 @@ class SegmentationTransform:
     """
 
     def __init__(self, ops: Sequence[Any] = (), *, seed: int | None = None) -> None:
-        self.seed = seed
-        self._worker_seed: int | None = None
-        self.pipeline = A.Compose(list(ops), mask_interpolation=cv2.INTER_NEAREST_EXACT, seed=seed) if ops else None
-
-    def _reseed_for_worker(self) -> None:
-        info = get_worker_info()
-        if self.pipeline is None or info is None or info.seed == self._worker_seed:
-            return
-        self._worker_seed = info.seed
-        entropy = [info.seed] if self.seed is None else [self.seed, info.seed]
-        self.pipeline.set_random_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        self.pipeline = SeededCompose(ops, seed=seed) if ops else None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if image.shape[:2] != mask.shape[:2]:
             raise ValueError(f"image size {image.shape[:2]} and mask size {mask.shape[:2]} differ")
         if self.pipeline is not None:
-            self._reseed_for_worker()
             out = self.pipeline(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return _normalized(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))

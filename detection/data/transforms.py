@@ -23,13 +23,13 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
 # albumentations asks PyPI for a newer version at import time unless told not to;
 # runs must not touch the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 
+from engine.augment import SeededCompose
 from engine.images import image_to_tensor
 
 __all__ = ["PRESETS", "DetectionTransform", "build_transforms"]
@@ -104,24 +104,10 @@ class DetectionTransform:
     def __init__(self, ops: Sequence[Any], *, crops: bool = False, min_box_size: float = 1.0, seed: int | None = None):
         self.crops = crops
         self.min_box_size = min_box_size
-        self.seed = seed
-        self._worker_seed: int | None = None
         self.pipeline = None
         if ops:
             bbox_params = A.BboxParams(format="pascal_voc", label_fields=["indices"], clip=True)
-            # INTER_NEAREST samples half a pixel off (up to 1.5 px error after resizing);
-            # NEAREST_EXACT samples pixel centres, so masks stay within a pixel of boxes.
-            self.pipeline = A.Compose(
-                list(ops), bbox_params=bbox_params, mask_interpolation=cv2.INTER_NEAREST_EXACT, seed=seed
-            )
-
-    def _reseed_for_worker(self) -> None:
-        info = get_worker_info()
-        if self.pipeline is None or info is None or info.seed == self._worker_seed:
-            return
-        self._worker_seed = info.seed
-        entropy = [info.seed] if self.seed is None else [self.seed, info.seed]
-        self.pipeline.set_random_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+            self.pipeline = SeededCompose(ops, seed=seed, bbox_params=bbox_params)
 
     def __call__(
         self,
@@ -134,7 +120,6 @@ class DetectionTransform:
         labels = np.asarray(labels, dtype=np.int64)
         indices = np.arange(len(boxes))
         if self.pipeline is not None:
-            self._reseed_for_worker()
             data: dict[str, Any] = {"image": image, "bboxes": boxes, "indices": indices}
             if masks is not None and len(masks):
                 data["masks"] = masks
