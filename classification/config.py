@@ -14,16 +14,16 @@ from backbones.resnet import BACKBONES
 from engine.config import (
     BOOL,
     CONFIG_DIR,
-    NONNEG_INT,
     NONNEG_NUM,
     POS_INT,
     POS_NUM,
     RUN,
     STR,
-    ConfigError,
+    at_least,
     choice,
-    is_int,
+    ConfigError,
     optional,
+    shapes_checks,
 )
 
 __all__ = ["BACKBONES", "CLASSIFICATION", "SHAPES_CLS_RECIPE", "default_cls_recipe"]
@@ -76,11 +76,8 @@ CLASSIFICATION = RUN.extend(
         "zero_init_residual": BOOL,
         "train_split": STR,
         "val_split": STR,
-        "shapes_train": POS_INT,
-        "shapes_val": POS_INT,
-        "shapes_size": ("an integer >= 64", lambda v: is_int(v) and v >= 64),
-        "shapes_crop_size": ("an integer >= 16", lambda v: is_int(v) and v >= 16),
-        "shapes_seed": NONNEG_INT,
+        **shapes_checks(64),
+        "shapes_crop_size": at_least(16),
         "train_crop_size": POS_INT,
         "crop_scale": ("[min, max] area fractions with 0 < min <= max <= 1",
                        lambda v: isinstance(v, list) and len(v) == 2 and all(POS_NUM[1](x) for x in v) and v[0] <= v[1] <= 1),

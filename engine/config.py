@@ -34,6 +34,7 @@ __all__ = [
     "ConfigError",
     "Schema",
     "apply_overrides",
+    "at_least",
     "choice",
     "find_recipe",
     "is_int",
@@ -43,6 +44,7 @@ __all__ = [
     "optional",
     "resolve_device",
     "save_config",
+    "shapes_checks",
     "suggest",
     "validate",
 ]
@@ -127,6 +129,21 @@ class Schema:
 
         merged_defaults = {**self.defaults, **defaults}
         return Schema(merged_defaults, {**self.checks, **checks}, both if (extra or base_extra) else None)
+
+
+def at_least(n: int) -> Check:
+    """An integer of at least ``n``."""
+    return f"an integer >= {n}", lambda v: is_int(v) and v >= n
+
+
+def shapes_checks(min_size: int) -> dict[str, Check]:
+    """The checks of the built-in shapes data's keys (``shapes_train``, ``shapes_val``, ``shapes_size``,
+    ``shapes_seed``), shared by every task; each task sets its own defaults.
+
+    Args:
+        min_size: the smallest image side the task can use.
+    """
+    return {"shapes_train": POS_INT, "shapes_val": POS_INT, "shapes_size": at_least(min_size), "shapes_seed": NONNEG_INT}
 
 
 # The keys every task's training shares. The defaults are torchvision's detection reference's;

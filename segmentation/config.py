@@ -23,10 +23,11 @@ from engine.config import (
     POS_NUM,
     RUN,
     STR,
-    ConfigError,
     choice,
+    ConfigError,
     is_int,
     optional,
+    shapes_checks,
 )
 
 from .models import ARCHS, BACKBONES, OUTPUT_STRIDES, check_segmenter_options
@@ -124,10 +125,7 @@ SEGMENTATION = RUN.extend(
         "hflip_prob": ("a number in [0, 1]", lambda v: NONNEG_NUM[1](v) and v <= 1),
         "val_resize": optional(POS_INT),
         "val_batch_size": POS_INT,
-        "shapes_train": POS_INT,
-        "shapes_val": POS_INT,
-        "shapes_size": ("an integer >= 64", lambda v: is_int(v) and v >= 64),
-        "shapes_seed": NONNEG_INT,
+        **shapes_checks(64),
         "num_vis": NONNEG_INT,
     },
     extra=_check_seg,
