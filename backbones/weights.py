@@ -30,6 +30,7 @@ __all__ = [
     "TORCH_LEGACY_MAGIC",
     "TORCH_ZIP_MAGIC",
     "WeightsError",
+    "check_weights",
     "imagenet_cache_path",
     "imagenet_file",
     "load_pretrained",
@@ -296,6 +297,30 @@ def _model_depth(model: nn.Module) -> int:
         if blocks == layers[2]:
             return depth
     raise WeightsError(f"cannot tell the ResNet depth of {type(model).__name__}; pass a file or state dict instead of 'imagenet'")
+
+
+def check_weights(weights: str | None, depth: int) -> None:
+    """Before any work: the initial trunk weights a run names exist and are a trunk's (every task's preflight).
+
+    Args:
+        weights: ``None`` (random), ``"imagenet"`` (torchvision's file, found or fetched
+            now) or a checkpoint path (read and its layout recognised now).
+        depth: 18 or 34.
+
+    Raises:
+        WeightsError: the file is missing, unreadable, of an unknown layout, or a pruned
+            detector (its narrowed trunk fits no standard ResNet).
+    """
+    if weights is None:
+        return
+    if weights == "imagenet":
+        imagenet_file(depth)
+        return
+    ckpt = read_checkpoint(weights)
+    if isinstance(ckpt, Mapping) and ckpt.get("channel_plan"):
+        raise WeightsError(f"{weights} is a pruned detector: its trunk does not fit a standard resnet{depth}; "
+                           f"fine-tune it with --init-checkpoint {weights} (tools/train_det.py) instead of using it as trunk weights")
+    normalize_state_dict(ckpt)
 
 
 def load_pretrained(model: nn.Module, source: Source, *, strict: bool = False, download: bool = True) -> LoadReport:

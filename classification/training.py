@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from backbones.resnet import ResNet, resnet
-from backbones.weights import imagenet_file, load_pretrained, normalize_state_dict, read_checkpoint
+from backbones.weights import check_weights, load_pretrained
 from classification.checkpoint import CLASSIFIER_KEYS, classifier_record, save_classifier
 from classification.data import ImageFolder, build_cls_transform, prepare_cls_data_root
 from engine.plots import plot_curves
@@ -208,10 +208,7 @@ def preflight_cls(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
                 f"{train_set.split_dir} has {len(train_set)} images, fewer than one batch of {cfg['batch_size']} "
                 f"x {world} processes; lower batch_size"
             )
-    if cfg["weights"] == "imagenet":
-        imagenet_file(BACKBONES[cfg["backbone"]])
-    elif cfg["weights"] is not None:
-        normalize_state_dict(read_checkpoint(cfg["weights"]))
+    check_weights(cfg["weights"], BACKBONES[cfg["backbone"]])
     runner.preflight(TASK, cfg, resume=resume)
     return cfg
 

@@ -17,18 +17,17 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from backbones.weights import imagenet_file, normalize_state_dict
+from backbones.weights import check_weights
 from engine import distributed as dist_utils
 from engine import runner
 from engine.runner import MetricsLog, Run, TrainData, TrainState
 
 from .checkpoint import (
+    TRAINING_MODEL_KEYS,
     CheckpointError,
     check_init_checkpoint,
-    load_detector_for_training,
-    read_checkpoint,
-    TRAINING_MODEL_KEYS,
     detector_record,
+    load_detector_for_training,
     read_training_state,
     save_detector,
 )
@@ -193,14 +192,8 @@ def preflight(cfg: dict[str, Any], *, resume: str | Path | bool | None = None) -
     init_plan = None
     if cfg["init_checkpoint"] is not None:  # its weights replace weights_backbone's
         init_plan = check_init_checkpoint(cfg["init_checkpoint"], arch=cfg["model"], backbone=cfg["backbone"]).get("channel_plan") or None
-    elif weights == "imagenet":
-        imagenet_file(BACKBONES[cfg["backbone"]])
-    elif weights is not None:
-        ckpt = read_checkpoint(weights)
-        if isinstance(ckpt, dict) and ckpt.get("channel_plan"):
-            raise CheckpointError(f"{weights} is a pruned detector: its trunk does not fit a standard {cfg['backbone']}; "
-                                  f"fine-tune it with --init-checkpoint {weights} instead of --weights-backbone")
-        normalize_state_dict(ckpt)
+    else:
+        check_weights(weights, BACKBONES[cfg["backbone"]])
     runner.preflight(TASK, cfg, resume=resume)
     if resume:
         path = runner.resume_path(cfg, resume)

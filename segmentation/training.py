@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from backbones.weights import imagenet_file, normalize_state_dict, read_checkpoint
+from backbones.weights import check_weights
 from engine.roots import evaluation_data, find_splits, prepare_data_root  # COCO splits and the shapes set
 from engine import distributed as dist_utils
 from engine import runner
@@ -383,11 +383,7 @@ def preflight_seg(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
     cfg = dict(cfg)
     if cfg["data_path"] is not None:
         _, cfg["data_format"], cfg["train_split"], cfg["val_split"] = resolve_seg_data(cfg)
-    weights = cfg["weights_backbone"]
-    if weights == "imagenet":
-        imagenet_file(BACKBONES[cfg["backbone"]])
-    elif weights is not None:
-        normalize_state_dict(read_checkpoint(weights))
+    check_weights(cfg["weights_backbone"], BACKBONES[cfg["backbone"]])
     runner.preflight(TASK, cfg, resume=resume)
     return cfg
 

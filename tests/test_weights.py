@@ -161,3 +161,27 @@ def test_bad_source_type():
         load_pretrained(resnet18(), 3)
     with pytest.raises(WeightsError, match="not found"):
         load_pretrained(resnet18(), "/nonexistent/x.pth")
+
+
+def test_check_weights_is_every_tasks_preflight_of_trunk_weights(tmp_path):
+    from backbones.weights import check_weights
+
+    check_weights(None, 18)  # random trunk: nothing to read
+    good = tmp_path / "trunk.pth"
+    torch.save({"model": resnet18().state_dict()}, good)
+    check_weights(str(good), 18)
+    pruned = tmp_path / "pruned.pth"
+    torch.save({"model": resnet18().state_dict(), "build_args": {}, "channel_plan": {"backbone.body.conv1": {"out_channels": 32}}}, pruned)
+    with pytest.raises(WeightsError, match=r"pruned detector.*standard resnet34.*--init-checkpoint"):
+        check_weights(str(pruned), 34)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="junk.pth"):
+        check_weights(str(junk), 18)
+    with pytest.raises(WeightsError, match="junk.pth"):  # the segmentation task's preflight goes through it too
+        from segmentation.config import SEGMENTATION
+        from engine.config import load_config, apply_overrides
+        from segmentation.training import preflight_seg
+
+        preflight_seg(apply_overrides(load_config(None, schema=SEGMENTATION), [], schema=SEGMENTATION, weights_backbone=str(junk),
+                                      device="cpu", output_dir=str(tmp_path / "run")))
