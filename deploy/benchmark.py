@@ -48,7 +48,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from backbones import resnet_fpn
 from detection.evaluation import coco_evaluate
 from detection.models import build_detector
-from detection.postprocess import set_test_options
+from detection.postprocess import fix_detector_work, set_fixed_thresholds, set_heavy_load, set_test_options
 from segmentation.models import build_segmenter
 from engine.files import read_torch_file
 from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
@@ -64,12 +64,9 @@ __all__ = [
     "bench_segmenters",
     "bench_training",
     "checkpoint_candidate",
-    "fix_detector_work",
-    "set_heavy_load",
     "format_table",
     "plot",
     "roi_align_cases",
-    "set_fixed_thresholds",
     "time_candidate",
     "time_segmenter",
 ]
@@ -118,55 +115,6 @@ def bench_backbones(args: argparse.Namespace, device: torch.device, rows: list[d
             for name, sec in t.items():
                 rows.append({"group": "trunk+FPN forward", "case": f"R{depth} {n}x{h}x{w}", "candidate": name,
                              "images_per_s": n / sec, "seconds": sec, "ratio": t["torchvision"] / sec})
-
-
-def fix_detector_work(model: nn.Module, *, seed: int = 0) -> nn.Module:
-    """Make a random-weight R-CNN do a fixed amount of work on any image, whatever its trunk.
-
-    Random heads make post-processing depend on the weights (how many proposals survive
-    NMS, how many boxes are small or above the score threshold), so detectors of
-    different depths would do different work. Here every forward keeps exactly
-    ``post_nms_top_n`` proposals (RPN NMS at IoU 1.0 suppresses nothing), scores every
-    proposal about 0.97 for class 1 and below 0.001 for the others (a box predictor with
-    class-1 bias and regression deltas of zero), and keeps ``detections_per_img`` of them
-    (box NMS at 1.0): 1000 RoIs through the box head and 100 detections (and masks) for
-    every candidate and every depth, with a 1,000-box NMS rather than a 90,000-box one.
-    """
-    g = torch.Generator().manual_seed(seed)
-    predictor = model.roi_heads.box_predictor
-    with torch.no_grad():
-        predictor.cls_score.weight.zero_()
-        predictor.cls_score.weight[1].copy_(torch.randn(predictor.cls_score.weight.shape[1], generator=g) * 1e-3)
-        predictor.cls_score.bias.zero_()
-        predictor.cls_score.bias[1] = 8.0
-        predictor.bbox_pred.weight.zero_()
-        predictor.bbox_pred.bias.zero_()
-    set_fixed_thresholds(model)
-    return model
-
-
-def set_fixed_thresholds(model: nn.Module) -> nn.Module:
-    """The thresholds of ``fix_detector_work`` (attributes, not weights: set them on every copy)."""
-    model.rpn.nms_thresh = 1.0
-    model.roi_heads.nms_thresh = 1.0
-    model.roi_heads.score_thresh = 0.05
-    return model
-
-
-def set_heavy_load(model: nn.Module) -> nn.Module:
-    """The heavy load: post-processing at its worst, on a random-weight R-CNN (torchvision's or ours).
-
-    RPN NMS at IoU 1.0 keeps ``post_nms_top_n`` proposals (1000), a box score threshold of
-    0 lets every (proposal, class) pair through (90,000 candidates with 91 classes) and box
-    NMS at 1.0 suppresses none of them, so torchvision's post-processing sorts and
-    compares all 90,000 before keeping 100 detections. A capped model
-    (``box_topk_candidates``) keeps exactly the same 100: at NMS 1.0 they are the 100
-    best-scoring candidates, which any cap >= 100 lets through.
-    """
-    model.rpn.nms_thresh = 1.0
-    model.roi_heads.nms_thresh = 1.0
-    model.roi_heads.score_thresh = 0.0
-    return model
 
 
 LOADS = ("light", "heavy")

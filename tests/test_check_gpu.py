@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy import gpu_check as cg
+from devtools import gpu_check as cg
 
 from helpers import REPO, run_tool
 

@@ -240,7 +240,7 @@ def test_proposals_are_refused_where_there_is_no_rpn():
 def test_the_benchmark_heavy_load_sends_the_cap_to_nms():
     # The benchmark's heavy rows (tools/benchmark.py --only heavy): 1000 proposals x 90 classes all pass the threshold,
     # and ours lets 5000 of them into NMS. Catches a load that is not heavy, or a benchmark model without the cap.
-    from deploy.benchmark import set_heavy_load
+    from detection.postprocess import set_heavy_load
 
     torch.manual_seed(0)
     model = set_heavy_load(build_detector("faster_rcnn", num_classes=91, min_size=64, max_size=96, out_channels=32, representation_size=64).eval())

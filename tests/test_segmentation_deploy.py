@@ -298,7 +298,7 @@ def _fake_seg_run(run_dir: Path, losses: list[float], miou: float | None, last_i
 
 
 def test_gpu_check_trains_the_shapes_seg_recipe_and_reads_its_figures(tmp_path):
-    from deploy import gpu_check as cg
+    from devtools import gpu_check as cg
 
     steps = {s.name: s for s in cg.build_steps(tmp_path, "python")}
     assert "tests/test_segmentation_training.py" in steps["tests"].cmd  # the segmenters' own CUDA tests run too

@@ -1,4 +1,4 @@
-"""The GPU check: every path that needs a CUDA device, in one command, with one summary (``deploy.gpu_check``).
+"""The GPU check: every path that needs a CUDA device, in one command, with one summary (``devtools.gpu_check``).
 
     python tools/check_gpu.py                          # = make check-gpu
     python tools/check_gpu.py --only latency benchmark # some steps again
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deploy.gpu_check import STEP_NAMES, build_steps, environment, measure_latency, run_checks
+from devtools.gpu_check import STEP_NAMES, build_steps, environment, measure_latency, run_checks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,8 +44,8 @@ import torch
 
 from engine.timing import time_calls
 
-from .benchmark import fix_detector_work
-from .fast import optimize_for_inference
+from detection.postprocess import fix_detector_work
+from deploy.fast import optimize_for_inference
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_ITERS = 300
@@ -250,7 +250,7 @@ def measure_latency(path: Path, *, reps: int = 10, warmup: int = 3, size: tuple[
     """Inference latency and peak memory of Faster R-CNN R18/R34 at 800x1333 on CUDA; written to ``path``.
 
     Random weights with the work fixed as the benchmark fixes it
-    (``deploy.benchmark.fix_detector_work``): exactly ``rpn_post_nms_top_n_test`` (1000)
+    (``detection.postprocess.fix_detector_work``): exactly ``rpn_post_nms_top_n_test`` (1000)
     proposals and 100 detections per image, whatever the weights and the depth, so R18
     and R34 do the same work.
 
