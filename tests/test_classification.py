@@ -248,29 +248,7 @@ def test_a_few_iterations_write_every_output(tmp_path):
     assert "training a resnet18 classifier" in (out / "log.txt").read_text()
 
 
-def _batches(out: Path) -> list[tuple[int, list[int]]]:
-    return [(r["iter"], r["indices"]) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
-
-
-def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path):
-    root = _folder(tmp_path / "data")
-    flags = ("log_batches=true", "eval_period=0", "checkpoint_period=1", "scheduler=multistep", "lr_steps=[1]")
-    straight = train_classifier(_cfg(root, tmp_path / "straight", *flags), progress=False)
-    total = straight["iteration"]
-    assert total == 2 * (18 // 4)
-    stop = 2  # of 4 iterations in the first epoch
-    train_classifier(_cfg(root, tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
-    assert read_checkpoint(tmp_path / "resumed" / "checkpoint.pth")["iteration"] == stop
-    resumed = train_classifier(_cfg(root, tmp_path / "resumed", *flags), resume=True, progress=False)
-    assert resumed["iteration"] == total
-    seen, expected = _batches(tmp_path / "resumed"), _batches(tmp_path / "straight")
-    assert [i for i, _ in seen] == list(range(1, total + 1)) and seen == expected
-    first_epoch = [i for _, ids in seen[: total // 2] for i in ids]
-    assert len(first_epoch) == len(set(first_epoch)) == 16  # no sample twice; 2 left over by the full batches
-    a, b = read_checkpoint(tmp_path / "resumed" / "checkpoint.pth"), read_checkpoint(tmp_path / "straight" / "checkpoint.pth")
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == total
-    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(b["optimizer"]["param_groups"][0]["lr"])
-    assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
+# Resume mid-epoch (the batches and rates of an uninterrupted run): tests/test_task_contract.py, for every task.
 
 
 def test_resume_runs_the_epoch_end_evaluation_a_stop_cut_short(tmp_path):

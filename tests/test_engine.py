@@ -111,34 +111,7 @@ def test_resume_takes_this_runs_learning_rate_on_the_saved_schedule(tmp_path, ca
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * scale)
 
 
-def _batches(out: Path) -> list[tuple[int, list[int]]]:
-    return [(r["iter"], r["image_ids"]) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
-
-
-def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, cache):
-    # checkpoint.pth at each epoch's end and where max_iters stops (no periodic ones: ~180 MB each with AdamW's state).
-    flags = ("epochs=2", "log_batches=true", "eval_period=0", "shapes_train=8")
-    straight = training.train(_cfg(tmp_path / "straight", *flags), progress=False)
-    total = straight["iteration"]
-    # Stop inside the first epoch (after 1 of its 4 iterations), then resume to the end.
-    stop = total // 6
-    training.train(_cfg(tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
-    assert read_training_state(tmp_path / "resumed" / "checkpoint.pth")["iteration"] == stop
-    # An interruption after the checkpoint leaves records of iterations that resuming redoes.
-    for name, extra in (("batches.jsonl", {"epoch": 0, "image_ids": [-1, -1]}), ("metrics.jsonl", {"loss": 9.0})):
-        with open(tmp_path / "resumed" / name, "a") as f:
-            f.write(json.dumps({"iter": stop + 1, **extra}) + "\n" + '{"iter": ')
-    resumed = training.train(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
-    assert resumed["iteration"] == total
-    expected, seen = _batches(tmp_path / "straight"), _batches(tmp_path / "resumed")
-    assert [i for i, _ in seen] == list(range(1, total + 1))
-    assert seen == expected
-    # Every image once per epoch: the resumed first epoch neither repeats nor drops a batch.
-    per_epoch = total // 2
-    first_epoch = [i for _, ids in seen[:per_epoch] for i in ids]
-    assert sorted(first_epoch) == sorted(set(first_epoch)) and len(first_epoch) == 8
-    train_iters = [r["iter"] for r in _records(tmp_path / "resumed") if "loss" in r]
-    assert train_iters == sorted(set(train_iters)) and 9.0 not in [r["loss"] for r in _records(tmp_path / "resumed") if "loss" in r]
+# Resume mid-epoch (the batches and rates of an uninterrupted run): tests/test_task_contract.py, for every task.
 
 
 def test_resume_runs_an_epoch_end_evaluation_the_stop_cut_short_once(tmp_path, cache):

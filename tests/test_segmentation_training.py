@@ -354,30 +354,7 @@ def test_aux_loss_is_trained_and_logged(tmp_path, cache):
     assert model.aux_classifier is not None and model.build_args["output_stride"] == 16
 
 
-def _batches(out: Path) -> list[tuple[int, list[int]]]:
-    return [(r["iter"], r["indices"]) for r in map(json.loads, (out / "batches.jsonl").read_text().splitlines())]
-
-
-def test_resume_mid_epoch_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, cache):
-    flags = ("epochs=2", "log_batches=true", "eval_period=0", "checkpoint_period=1", "num_vis=0")
-    straight = train_segmenter(_cfg(tmp_path / "straight", *flags), progress=False)
-    total = straight["iteration"]
-    assert total == 8
-    train_segmenter(_cfg(tmp_path / "resumed", *flags, "max_iters=3"), progress=False)
-    state = read_segmenter_training_state(tmp_path / "resumed" / "checkpoint.pth")
-    assert state["iteration"] == 3 and state["epoch"] == 0
-    # An interruption after the checkpoint leaves a record of an iteration that resuming redoes.
-    with open(tmp_path / "resumed" / "batches.jsonl", "a") as f:
-        f.write(json.dumps({"iter": 4, "epoch": 0, "indices": [-1, -1, -1, -1]}) + "\n")
-    resumed = train_segmenter(_cfg(tmp_path / "resumed", *flags), resume=True, progress=False)
-    assert resumed["iteration"] == total
-    seen = _batches(tmp_path / "resumed")
-    assert [i for i, _ in seen] == list(range(1, total + 1)) and seen == _batches(tmp_path / "straight")
-    first_epoch = [i for _, ids in seen[:4] for i in ids]
-    assert sorted(first_epoch) == list(range(16))  # every image once in the resumed epoch
-    lrs = {r["iter"]: r["lr"] for r in _records(tmp_path / "resumed") if "lr" in r}
-    straight_lrs = {r["iter"]: r["lr"] for r in _records(tmp_path / "straight") if "lr" in r}
-    assert lrs == pytest.approx(straight_lrs)  # the schedule continues where it stopped
+# Resume mid-epoch (the batches and rates of an uninterrupted run): tests/test_task_contract.py, for every task.
 
 
 def test_preflight_refuses_bad_inputs_before_any_work(tmp_path, cache):
