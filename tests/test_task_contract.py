@@ -113,13 +113,16 @@ def test_resume_mid_epoch_sees_exactly_the_batches_and_rates_of_an_uninterrupted
     state = module.TASK.read_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
     assert state["iteration"] == stop and state["epoch"] == 0 and set(state) == case.state_keys
     # An interruption after the checkpoint leaves records of an iteration that resuming redoes.
-    with open(tmp_path / "resumed" / "batches.jsonl", "a") as f:
-        f.write(json.dumps({"iter": stop + 1, "epoch": 0, "indices": [-1]}) + "\n" + '{"iter": ')
+    for name, extra in (("batches.jsonl", {"epoch": 0, "indices": [-1]}), ("metrics.jsonl", {"loss": 9.0, "lr": 9.0})):
+        with open(tmp_path / "resumed" / name, "a") as f:
+            f.write(json.dumps({"iter": stop + 1, **extra}) + "\n" + '{"iter": ')
     assert module.train(case.cfg(tmp_path, tmp_path / "resumed", *flags), resume=True, progress=False)["iteration"] == total
     seen, expected = _lines(tmp_path / "resumed" / "batches.jsonl"), _lines(tmp_path / "straight" / "batches.jsonl")
     assert [r["iter"] for r in seen] == list(range(1, total + 1)) and seen == expected
     first_epoch = [i for r in seen[:per_epoch] for i in r["indices"]]
     assert len(first_epoch) == len(set(first_epoch))  # no sample twice in the resumed epoch
+    steps = [r["iter"] for r in _lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r]
+    assert steps == sorted(set(steps))  # the records past the checkpoint were dropped, not kept beside the redone ones
     rates = {r["iter"]: r["lr"] for r in _lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r}
     assert rates == pytest.approx({r["iter"]: r["lr"] for r in _lines(tmp_path / "straight" / "metrics.jsonl") if "lr" in r})
     assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
