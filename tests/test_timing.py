@@ -50,3 +50,47 @@ def test_without_proc_both_counters_fall_back_together(monkeypatch):
     before = timing.reset_peak_rss()
     _grow_and_free(16)
     assert timing.peak_rss_mb() - before >= 0
+
+
+def test_cpu_peak_is_measured_while_another_thread_holds_a_lock():
+    # What thread pools (OpenMP/oneDNN, OpenVINO) do: a worker holds a lock the measured call needs. A child
+    # forked at that moment inherits the lock held forever, so the call hung there and the peak came back None
+    # in the parallel test run. Measured in this process, the call waits for the worker and goes on.
+    import threading
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.ones(256, 256) @ torch.ones(256, 256)  # torch's own pool started, as in the benchmark's process
+    lock, held, release = threading.Lock(), threading.Event(), threading.Event()
+
+    def worker():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    held.wait(10)
+
+    def call():
+        threading.Timer(0.2, release.set).start()  # the worker finishes its job while the call waits on it
+        assert lock.acquire(timeout=5), "the lock a worker held before the measurement was never released"
+        lock.release()
+        _grow_and_free(32)
+
+    try:
+        peak = timing.peak_memory_mb(call, torch.device("cpu"))
+    finally:
+        release.set()
+        thread.join()
+    assert peak is not None and peak > 24
+
+
+def test_measure_peak_rss_returns_the_result_and_a_growth_never_negative(monkeypatch):
+    result, growth = timing.measure_peak_rss(lambda: _grow_and_free(32) or "done")
+    assert result == "done" and growth > 24
+    # Counters read a little lower after the call than before it (lazy kernel updates): no negative growth.
+    readings = iter([(100.0, 100.0), (99.9, 99.9)])
+    monkeypatch.setattr(timing, "_rss_now_and_peak", lambda: next(readings))
+    assert timing.measure_peak_rss(lambda: None) == (None, 0.0)
