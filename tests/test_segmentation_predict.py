@@ -123,3 +123,26 @@ def test_saved_class_maps_are_voc_masks(tmp_path):
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
     _, mask = VOCSegmentation(root, "val").read_sample(0)
     np.testing.assert_array_equal(mask, labels)
+
+
+class _Recording(torch.nn.Module):
+    """A segmenter that records the size of every input it receives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.model(x)
+
+
+def test_resize_scales_the_short_side_and_the_map_keeps_the_image_size(model, one_thread):
+    recording = _Recording(model)
+    predictor = SegmentationPredictor(recording, device="cpu", resize=20)
+    for h, w, expected in ((40, 56, (20, 28)), (56, 40, (28, 20)), (10, 30, (20, 60))):
+        result = predictor(_picture(h, w))
+        assert recording.sizes[-1] == expected, f"an image of {h}x{w} with resize=20 reached the model at {recording.sizes[-1]}"
+        assert result.class_map.shape == (h, w)
+    SegmentationPredictor(recording, device="cpu")(_picture(40, 56))
+    assert recording.sizes[-1] == (40, 56)  # no resize: the image as it is
