@@ -99,6 +99,8 @@ def test_overlay_tints_labelled_pixels_only():
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
     assert out[:, 50, 50].tolist() == [114, 50, 50]  # halfway between (100, 100, 100) and VOC's (128, 0, 0)
     assert (out[:, :40, :40] == 100).all() and (out[:, 40:, :8] == 100).all()  # background and ignore untouched
+    faint = draw_segmentation(image, labels, alpha=0.25, legend=False)  # alpha is the colour's share, not the picture's
+    assert faint[:, 50, 50].tolist() == [107, 75, 75], "alpha=0.25: 0.75 x (100, 100, 100) + 0.25 x (128, 0, 0)"
     with_legend = draw_segmentation(image, labels, class_names=NAMES)
     assert not torch.equal(with_legend[:, :20, :40], out[:, :20, :40])  # the key is drawn top left
     assert torch.equal(draw_segmentation(torch.from_numpy(image).permute(2, 0, 1), labels, legend=False), out)

@@ -94,3 +94,40 @@ def test_measure_peak_rss_returns_the_result_and_a_growth_never_negative(monkeyp
     readings = iter([(100.0, 100.0), (99.9, 99.9)])
     monkeypatch.setattr(timing, "_rss_now_and_peak", lambda: next(readings))
     assert timing.measure_peak_rss(lambda: None) == (None, 0.0)
+
+
+def test_the_peak_starts_again_from_a_reset():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        import pytest
+
+        pytest.skip("this sandbox refuses /proc/self/clear_refs: the peak is the lifetime one (an upper bound)")
+    _grow_and_free(64)  # a peak well above what the process holds now
+    before = timing.reset_peak_rss()
+    assert timing.peak_rss_mb() - before < 32, "the peak of an earlier allocation survived reset_peak_rss"
+
+
+def test_time_calls_warms_up_then_interleaves_and_reports_medians(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    clock = [0.0]
+    calls: list[str] = []
+
+    def candidate(name, durations):
+        it = iter(durations)
+
+        def call():
+            calls.append(name)
+            clock[0] += next(it)
+        return call
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    fns = {"a": candidate("a", [100.0, 1.0, 1.0, 10.0]), "b": candidate("b", [100.0, 2.0, 2.0, 2.0])}  # one slow first call each
+    times = timing.time_calls(fns, reps=3, warmup=1, device=torch.device("cpu"))
+    assert times == {"a": [1.0, 1.0, 10.0], "b": [2.0, 2.0, 2.0]}, "the warm-up call must not be timed"
+    assert calls == ["a", "b"] * 4  # warm-up, then rep by rep
+    fns = {"a": candidate("a", [100.0, 1.0, 1.0, 10.0]), "b": candidate("b", [100.0, 2.0, 2.0, 2.0])}
+    assert timing.time_interleaved(fns, reps=3, warmup=1, device=torch.device("cpu")) == {"a": 1.0, "b": 2.0}  # medians

@@ -407,3 +407,20 @@ def test_a_camera_delivers_rgb_frames(monkeypatch: pytest.MonkeyPatch) -> None:
     frames = list(source)
     assert opened == [0] and source.live and source.frame_count is None
     assert [tuple(int(v) for v in f.image[0, 0]) for f in frames] == SOLID, "camera frames must come out RGB"
+
+
+def test_a_stream_that_reports_its_length_ends_at_its_end_without_reconnecting(caplog: pytest.LogCaptureFixture) -> None:
+    # An HTTP(S) file read as a stream says how many frames it has: it is not live, so its end is the end.
+    black = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    opened: list[int] = []
+
+    def capture() -> _FakeCapture:
+        opened.append(1)
+        return _FakeCapture([black] * 3, count=3)
+
+    with caplog.at_level("WARNING", logger="deploy.video"):
+        source = CaptureSource(capture, kind="stream", name="https://host/clip.mp4", reconnect=2, reconnect_delay=0)
+        frames = list(source)
+    assert not source.live and source.frame_count == 3
+    assert [f.index for f in frames] == [0, 1, 2] and [f.time for f in frames] == [0.0, 0.04, 0.08]  # the file's clock
+    assert len(opened) == 1 and source.reconnects == 0 and not caplog.records, caplog.text

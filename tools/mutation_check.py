@@ -105,7 +105,7 @@ def run_one(entry: dict[str, Any], copy: Path, timeout: int) -> tuple[bool, str]
         return False, "missed"
     if proc.returncode not in (1, 2):  # 3 internal error, 4 usage, 5 no tests collected
         raise RuntimeError(f"mutation {entry['name']}: pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", proc.stdout, re.M)
     return True, failed[0] if failed else "an error collecting the tests"
 
 
