@@ -1,16 +1,12 @@
 """Apply listed one-line slips one at a time to a copy of the repository and see which tests catch them.
 
-    python tools/mutation_check.py                           # every entry of tests/mutations.yaml
-    python tools/mutation_check.py --only metrics-acc-axis   # one entry (repeatable)
-    python tools/mutation_check.py --markdown                # the table as docs/development.md shows it
+    python tools/mutation_check.py [--only NAME ...] [--markdown]   # tests/mutations.yaml, or some of its entries
 
-Each entry of the list names a file, its exact original text (found exactly once), the
-replacement, and the tests to run (pytest arguments: files or node ids; default every
-test file that names the module). The tracked files of this checkout, as they are on disk,
-are copied once into a temporary folder; for each entry the one file is changed there,
-the tests run there (``PYTHONPATH`` the copy, ``pytest -x``), and the file is put back.
-A mutation is caught when a test fails (the first failing test is named). An original
-text that is missing or not unique is an error (exit 2): the list is stale.
+An entry names a file, its exact original text (found exactly once), the replacement and the
+tests (pytest arguments; default every test file naming the module). The tracked files, as on
+disk, are copied once to a temporary folder; each entry changes its file there, runs its tests
+there (``PYTHONPATH`` the copy, ``pytest -x``) and puts the file back: caught when a test fails
+(the first is named). An original text missing or not unique is exit 2: the list is stale.
 """
 
 from __future__ import annotations
@@ -97,7 +93,7 @@ def run_one(entry: dict[str, Any], copy: Path, timeout: int) -> tuple[bool, str]
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *tests], cwd=copy,
                               env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # a hang is noticed too
         return True, f"timed out after {timeout} s"
     finally:
         path.write_text(original, encoding="utf-8")
@@ -131,22 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         copy = Path(tmp)
         files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-        for name in filter(None, files):
-            if (REPO / name).is_file():
-                (copy / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / name, copy / name)
+        for name in (n for n in files if n and (REPO / n).is_file()):
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
         for entry in chosen:
-            caught, how = run_one(entry, copy, args.timeout)
+            try:
+                caught, how = run_one(entry, copy, args.timeout)
+            except (ValueError, RuntimeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             results.append((entry, caught, how))
             print(f"{'caught' if caught else 'MISSED'}  {entry['name']}: {how}", file=sys.stderr, flush=True)
     caught = sum(c for _, c, _ in results)
-    if args.markdown:
-        print("| mutation | file | caught by |\n|---|---|---|")
-        for entry, ok, how in results:
-            print(f"| {entry['name']} | `{entry['file']}` | {f'`{how}`' if ok else '**missed**'} |")
-    else:
-        for entry, ok, how in results:
-            print(f"{'caught' if ok else 'MISSED':<7} {entry['name']:<40} {entry['file']:<28} {how}")
+    print("| mutation | file | caught by |\n|---|---|---|" if args.markdown else "")
+    for entry, ok, how in results:
+        print(f"| {entry['name']} | `{entry['file']}` | {f'`{how}`' if ok else '**missed**'} |" if args.markdown else
+              f"{'caught' if ok else 'MISSED':<7} {entry['name']:<40} {entry['file']:<28} {how}")
     print(f"\n{caught} of {len(results)} caught ({100 * caught / max(len(results), 1):.0f}%)")
     return 0
 
