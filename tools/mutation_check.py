@@ -83,16 +83,14 @@ def run_one(entry: dict[str, Any], copy: Path, timeout: int) -> tuple[bool, str]
         copy: the repository's copy.
         timeout: seconds for its tests.
     """
-    path = copy / entry["file"]
-    original = check_entry(entry, copy)
-    tests = tests_for(entry, copy)
+    path, original, tests = copy / entry["file"], check_entry(entry, copy), tests_for(entry, copy)
     if not tests:
         raise ValueError(f"mutation {entry['name']}: no test names {entry['file']}; list its tests")
     path.write_text(original.replace(entry["original"], entry["mutated"]), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *tests], cwd=copy,
-                              env=env, capture_output=True, text=True, timeout=timeout)
+                              env={**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"},
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:  # a hang is noticed too
         return True, f"timed out after {timeout} s"
     finally:
