@@ -416,11 +416,11 @@ def test_a_stream_that_reports_its_length_ends_at_its_end_without_reconnecting(c
 
     def capture() -> _FakeCapture:
         opened.append(1)
-        return _FakeCapture([black] * 3, count=3)
+        return _FakeCapture([black] * 3, count=3) if len(opened) == 1 else _FakeCapture(None)  # then it is gone
 
     with caplog.at_level("WARNING", logger="deploy.video"):
         source = CaptureSource(capture, kind="stream", name="https://host/clip.mp4", reconnect=2, reconnect_delay=0)
         frames = list(source)
     assert not source.live and source.frame_count == 3
     assert [f.index for f in frames] == [0, 1, 2] and [f.time for f in frames] == [0.0, 0.04, 0.08]  # the file's clock
-    assert len(opened) == 1 and source.reconnects == 0 and not caplog.records, caplog.text
+    assert len(opened) == 1 and source.reconnects == 0 and not caplog.records, f"opened {len(opened)} times: {caplog.text}"
