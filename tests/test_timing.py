@@ -60,8 +60,10 @@ def test_cpu_peak_is_measured_while_another_thread_holds_a_lock():
 
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     torch.ones(256, 256) @ torch.ones(256, 256)  # torch's own pool started, as in the benchmark's process
+    torch.set_num_threads(threads)  # this worker's share, as conftest set it
     lock, held, release = threading.Lock(), threading.Event(), threading.Event()
 
     def worker():
