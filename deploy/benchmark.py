@@ -24,11 +24,12 @@ torchvision's ``deeplabv3_resnet50(weights=None, weights_backbone=None)`` (what 
 takes today, the ratios' reference), plus the exported files (fp32, int8) of DeepLabV3
 R18 OS8 and Semantic FPN R18 in ONNX Runtime and OpenVINO. A segmenter's work does not
 depend on its weights (no thresholds, no NMS), so nothing needs fixing.
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
-and segmenter rows report the timing process's peak RSS during its first forward over its
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector and
+segmenter rows report the timing process's peak RSS during its first forward over its
 RSS before it (activations and workspace on top of the weights; Linux ``clear_refs``;
-``engine.timing.measure_peak_rss``), measured inside that process, never in a forked child. CUDA timings are synchronised. Writes ``benchmark.json`` and
-``benchmark.png`` to ``--output-dir``.
+``engine.timing.measure_peak_rss``), measured inside that process, never in a forked
+child. CUDA timings are synchronised. Writes ``benchmark.json`` and ``benchmark.png``
+to ``--output-dir``.
 """
 
 from __future__ import annotations
