@@ -24,11 +24,12 @@ torchvision's ``deeplabv3_resnet50(weights=None, weights_backbone=None)`` (what 
 takes today, the ratios' reference), plus the exported files (fp32, int8) of DeepLabV3
 R18 OS8 and Semantic FPN R18 in ONNX Runtime and OpenVINO. A segmenter's work does not
 depend on its weights (no thresholds, no NMS), so nothing needs fixing.
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector rows
-report the timing process's peak RSS during its first forward over its RSS before it
-(activations and workspace on top of the weights; Linux ``clear_refs``), the other
-rows the growth of a forked single-threaded child's peak RSS. CUDA timings are synchronised. Writes ``benchmark.json`` and
-``benchmark.png`` to ``--output-dir``.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, detector and
+segmenter rows report the timing process's peak RSS during its first forward over its
+RSS before it (activations and workspace on top of the weights; Linux ``clear_refs``;
+``engine.timing.measure_peak_rss``), measured inside that process, never in a forked
+child. CUDA timings are synchronised. Writes ``benchmark.json`` and ``benchmark.png``
+to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from detection.models import build_detector
 from detection.postprocess import fix_detector_work, set_fixed_thresholds, set_heavy_load, set_test_options
 from segmentation.models import build_segmenter
 from engine.files import read_torch_file
-from engine.timing import peak_memory_mb, peak_rss_mb, reset_peak_rss, run_in_own_process, time_calls, time_interleaved
+from engine.timing import measure_peak_rss, peak_memory_mb, run_in_own_process, time_calls, time_interleaved
 
 from .fast import optimize_for_inference
 from .files import kind_of
@@ -441,10 +442,8 @@ def time_segmenter(spec: dict[str, Any], queue: Any) -> None:
             model = _build_seg_model(spec)
         # Any normalised batch does: the cost of a segmenter does not depend on the pixels.
         x = torch.randn(1, 3, *spec["size"], generator=torch.Generator().manual_seed(0))
-        before = reset_peak_rss()
         with torch.no_grad():
-            out = model(x)["out"]
-            peak = peak_rss_mb() - before
+            out, peak = measure_peak_rss(lambda: model(x)["out"])
             times = time_calls({"model": lambda: model(x)}, spec["reps"], spec["warmup"], torch.device("cpu"))["model"]
         queue.put({"seconds": statistics.median(times), "peak_mb": peak, "output": list(out.shape)})
     except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent
@@ -601,10 +600,8 @@ def time_candidate(spec: dict[str, Any], queue: Any) -> None:
         torch.set_num_threads(spec["threads"])
         model = _build_candidate(spec)
         image = [torch.rand(3, spec["image"][0], spec["image"][1], generator=torch.Generator().manual_seed(0))]
-        before = reset_peak_rss()
         with torch.no_grad():
-            out = model(image)
-            peak = peak_rss_mb() - before
+            out, peak = measure_peak_rss(lambda: model(image))
             times = time_calls({"model": lambda: model(image)}, spec["reps"], spec["warmup"], torch.device("cpu"))["model"]
         queue.put({"seconds": statistics.median(times), "peak_mb": peak, "detections": int(len(out[0]["boxes"]))})
     except Exception as e:  # noqa: BLE001 - reported as the row's error by the parent

@@ -2,8 +2,8 @@
 
 ``time_calls`` is the one timing loop (warm-up, then the candidates interleaved rep by
 rep, synchronised on CUDA); ``run_in_own_process`` isolates a candidate in a spawned
-process; peak memory is CUDA's allocator peak or the process's peak RSS (Linux
-``clear_refs``).
+process; peak memory is CUDA's allocator peak or the growth of the measuring process's
+own peak RSS (Linux ``clear_refs``), never a forked child's.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["peak_memory_mb", "peak_rss_mb", "reset_peak_rss", "run_in_own_process", "sync", "time_calls", "time_interleaved"]
+__all__ = ["measure_peak_rss", "peak_memory_mb", "peak_rss_mb", "reset_peak_rss", "run_in_own_process", "sync", "time_calls", "time_interleaved"]
 
 
 def sync(device: torch.device) -> None:
@@ -63,17 +63,19 @@ def time_calls(fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device
     return times
 
 
-def _child_peak(fn: Callable[[], Any], queue: Any) -> None:
-    # OpenMP's thread pool does not survive fork(); one thread is what DataLoader workers use too.
-    torch.set_num_threads(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
+    """Peak memory of one call, in MiB: ``max_memory_allocated`` over what was allocated before it on CUDA,
+    on the CPU the growth of this process's peak RSS during the call (``measure_peak_rss``).
 
+    The call runs here, in the caller's process: a child forked from a process whose thread
+    pools (OpenMP/oneDNN, OpenVINO) hold a lock inherits the lock held forever and may hang.
+    To keep one candidate's allocations from another's, call it in a process of its own
+    (``run_in_own_process``), as the benchmark's CPU rows do.
 
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak memory of one call, in MiB: ``max_memory_allocated`` over the resident memory on CUDA;
-    on the CPU the growth of a forked single-threaded child's peak RSS (``None`` if it hangs)."""
+    Args:
+        fn: the call to measure.
+        device: where it runs.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,15 +83,22 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child_peak, args=(fn, queue))
-    proc.start()
-    proc.join(timeout=300)
-    if proc.is_alive():
-        proc.kill()
-        return None
-    return queue.get() if not queue.empty() else None
+    return measure_peak_rss(fn)[1]
+
+
+def measure_peak_rss(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Call ``fn`` here; return its result and the growth of the process's peak RSS during it, in MiB.
+
+    The growth is ``peak_rss_mb() - reset_peak_rss()`` around the call, never below 0 (the
+    kernel's RSS counters are updated lazily, so an idle process can read a few KiB less
+    after a reset than before it). Memory the allocator already holds is reused and not counted.
+
+    Args:
+        fn: the call to measure.
+    """
+    before = reset_peak_rss()
+    result = fn()
+    return result, max(0.0, peak_rss_mb() - before)
 
 
 def _status_mb(field: str) -> float:

@@ -261,3 +261,53 @@ def test_the_runner_reads_only_config_keys_that_RUN_declares():
                     f"{path.name}:{node.lineno} reads cfg.get(...): a key the runner reads is declared in RUN and read as cfg[key]")
     assert {"warmup_iters", "warmup_epochs", "norm_weight_decay", "clip_grad_norm", "max_nonfinite"} <= read
     assert read <= set(RUN.defaults), sorted(read - set(RUN.defaults))
+
+
+class _SteppedLoss(torch.nn.Module):
+    """A loss model over a tiny linear layer whose loss is non-finite when its input is ``"bad"``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, targets):
+        loss = (self.model(torch.full((4, 3), 100.0)) - targets).pow(2).mean()
+        return {"loss_a": loss * float("nan") if inputs == "bad" else loss}
+
+
+def _step_state(lr: float = 0.0):
+    # Only what guarded_step reads: the models, optimizer, scaler and autocast settings.
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return SimpleNamespace(model=model, train_model=_SteppedLoss(model), optimizer=optimizer, amp=False, amp_dtype=torch.bfloat16,
+                           scaler=torch.amp.GradScaler("cpu", enabled=False), iteration=0)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    return float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+
+
+def test_a_clipped_step_leaves_gradients_within_the_limit():
+    target = torch.zeros(4, 2)
+    unclipped = _step_state()
+    runner.guarded_step(unclipped, {"clip_grad_norm": 0.0, "max_nonfinite": 3}, "good", target, 0, device_type="cpu")
+    assert _grad_norm(unclipped.model) > 10  # the loss is steep: clipping has something to do
+    clipped = _step_state()
+    terms, bad = runner.guarded_step(clipped, {"clip_grad_norm": 1.0, "max_nonfinite": 3}, "good", target, 0, device_type="cpu")
+    assert terms is not None and bad == 0
+    assert _grad_norm(clipped.model) <= 1.0 + 1e-4, f"gradient norm {_grad_norm(clipped.model):.3g} after a step clipped at 1.0"
+
+
+def test_a_good_step_resets_the_non_finite_count():
+    state, cfg, target = _step_state(lr=1e-6), {"clip_grad_norm": 0.0, "max_nonfinite": 2}, torch.zeros(4, 2)
+    bad = 0
+    for inputs in ["bad", "good", "bad", "good", "bad", "good"]:  # never two bad steps in a row: the run goes on
+        terms, bad = runner.guarded_step(state, cfg, inputs, target, bad, device_type="cpu")
+        assert (terms is None) == (inputs == "bad")
+        assert bad == (1 if inputs == "bad" else 0), f"after a {inputs} step the non-finite count is {bad}"
+    _, bad = runner.guarded_step(state, cfg, "bad", target, bad, device_type="cpu")
+    with pytest.raises(runner.NonFiniteLossError, match="2 non-finite losses in a row"):  # two in a row stop it
+        runner.guarded_step(state, cfg, "bad", target, bad, device_type="cpu")

@@ -117,8 +117,9 @@ def test_the_cap_limits_the_candidates_entering_nms():
 def capped_export(tmp_path_factory):
     """A tiny Faster R-CNN exported (ONNX and TorchScript) with the cap between two images' candidate counts.
 
-    The small image's candidates fit under the cap and the large one's do not, so the files
-    must compute the cap from the image, not keep a count traced once.
+    The small image has fewer candidates than the cap and the large one more (neither exactly
+    as many), so the files must compute the count from the image, not keep one traced once:
+    a count frozen at the cap fails the small image, one frozen below it the large one.
     """
     tmp = tmp_path_factory.mktemp("capped")
     torch.manual_seed(0)
@@ -131,15 +132,15 @@ def capped_export(tmp_path_factory):
         with _CountingNMS() as nms, torch.no_grad():
             model([image])
         counts.append(len(nms.seen[-1]))  # the box head's NMS comes last
-    assert 300 <= counts[0] < counts[1], counts
-    options["box_topk_candidates"] = counts[0]
+    assert 300 <= counts[0] < counts[1] - 1, counts
+    options["box_topk_candidates"] = (counts[0] + counts[1]) // 2
     set_test_options(model, options)
     save_detector(model, tmp / "model.pth")  # build args: the default cap, 1000 proposals before the RPN's NMS
     from deploy.export import export_checkpoint
 
     onnx_path = export_checkpoint(tmp / "model.pth", tmp / "model.onnx", test_options=options)
     script_path = export_checkpoint(tmp / "model.pth", tmp / "model.pt", format="torchscript", test_options=options)
-    return {"model": model, "images": (small, large), "onnx": onnx_path, "torchscript": script_path, "options": options}
+    return {"model": model, "images": (small, large), "counts": counts, "onnx": onnx_path, "torchscript": script_path, "options": options}
 
 
 def test_exported_files_cap_as_eager_does(capped_export):
@@ -149,6 +150,8 @@ def test_exported_files_cap_as_eager_does(capped_export):
     from deploy.runtime import load_exported
 
     model = capped_export["model"]
+    cap = capped_export["options"]["box_topk_candidates"]
+    assert capped_export["counts"][0] < cap < capped_export["counts"][1]  # one image under the cap, one over it
     baked = read_metadata(capped_export["onnx"])["test_options"]
     assert {k: baked[k] for k in capped_export["options"]} == capped_export["options"]
     onnx_model = load_exported(capped_export["onnx"])
@@ -163,8 +166,8 @@ def test_exported_files_cap_as_eager_does(capped_export):
                 warnings.simplefilter("ignore")  # "RCNN always returns a (Losses, Detections) tuple in scripting"
                 script = scripted([image])[1][0]
         exported = onnx_model([image])[0]
-        for other in (exported, script):
-            assert torch.equal(other["labels"], eager["labels"])
+        for runtime, other in (("onnxruntime", exported), ("torchscript", script)):
+            assert torch.equal(other["labels"], eager["labels"]), f"{runtime}: labels differ from eager's on a {tuple(image.shape[-2:])} image"
             torch.testing.assert_close(other["boxes"], eager["boxes"], atol=1e-3, rtol=0)
             torch.testing.assert_close(other["scores"], eager["scores"], atol=1e-5, rtol=0)
     with torch.no_grad():

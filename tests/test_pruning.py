@@ -371,3 +371,32 @@ def test_a_pruned_file_where_it_cannot_go(pruned_file, tmp_path, capsys):
     assert train.main(argv) == 2
     assert "holds a faster_rcnn/resnet18 detector but the run trains retinanet/resnet18" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_round_to_rounds_each_kept_width_to_the_nearest_multiple():
+    # ratio 0.3 keeps round(0.7 C) channels: 45 of 64 and 358 of 512 round up to 48 and 360 (down would be 40 and 352),
+    # 90 of 128 and 179 of 256 round down to 88 and 176.
+    result = prune_detector(_tiny("faster_rcnn"), ratio=0.3, scope="trunk", round_to=8)
+    kept = {g.channels: g.kept for g in result.groups if g.scope == "trunk"}
+    assert kept == {64: 48, 128: 88, 256: 176, 512: 360}, f"kept widths by group width: {kept}"
+    modules = dict(result.model.named_modules())
+    assert (modules["backbone.body.layer1.0.conv1"].out_channels, modules["backbone.body.layer4.0.conv1"].out_channels) == (48, 360)
+    exact = {g.channels: g.kept for g in prune_detector(_tiny("faster_rcnn"), ratio=0.3, scope="trunk").groups if g.scope == "trunk"}
+    assert exact == {64: 45, 128: 90, 256: 179, 512: 358}  # round_to=1: round(0.7 C) itself
+
+
+def test_l1_sums_the_magnitude_over_every_layer_of_a_group():
+    # layer1.0's inner channels are written by conv1 and read by conv2. Even channels weigh 6 in each (sum 12, max 6),
+    # odd ones 10 in conv1 and almost nothing in conv2 (sum 10, max 10): summed over the group, the odd ones go;
+    # ranked by the largest layer alone, the even ones would.
+    model = _tiny("faster_rcnn")
+    block = model.backbone.body.layer1[0]
+    odd = torch.arange(64) % 2 == 1
+    with torch.no_grad():
+        block.conv1.weight.copy_(torch.where(odd, 10.0, 6.0).view(-1, 1, 1, 1).expand_as(block.conv1.weight) / (64 * 9))
+        block.conv2.weight.copy_(torch.where(odd, 0.01, 6.0).view(1, -1, 1, 1).expand_as(block.conv2.weight) / (64 * 9))
+        block.bn1.weight.fill_(1.0)
+        block.bn1.bias.zero_()
+    removed = prune_detector(model, ratio=0.5, scope="trunk", importance="l1").removed
+    assert removed["backbone.body.layer1.0.conv1"]["out"] == list(range(1, 64, 2)), "l1 must rank by the sum over the group's layers"
+    assert removed["backbone.body.layer1.0.conv2"]["in"] == list(range(1, 64, 2))

@@ -135,3 +135,20 @@ def test_two_ranks_sum_their_matrices(tmp_path):
     single.update(TARGET[:1], PRED[:1])
     for rank in range(2):
         assert torch.load(f"{out}.{rank}", weights_only=True).tolist() == single.mat.tolist()
+
+
+def test_per_class_accuracy_is_recall_not_precision():
+    # Rows (ground truth) and columns (prediction) with different sums: class 0 is 4 pixels, all found, while
+    # 2 pixels of class 1 are called 0. Accuracy per class divides by the row (recall), which torchvision's
+    # reference prints as "average row correct"; dividing by the column would give precision instead.
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    pred = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    cm = ConfusionMatrix(2)
+    cm.update(target, pred)
+    assert cm.mat.sum(1).tolist() != cm.mat.sum(0).tolist()
+    _, acc, iu = cm.compute()
+    assert acc.tolist() == pytest.approx([4 / 4, 4 / 6]), "per-class accuracy must be correct / ground-truth pixels (the row)"
+    assert iu.tolist() == pytest.approx([4 / 6, 4 / 6])
+    summary = cm.summary(["bg", "fg"])
+    assert summary["acc"] == pytest.approx({"bg": 100.0, "fg": 66.6667}, abs=1e-3)
+    assert summary["mean_acc"] == pytest.approx(100 * (1 + 4 / 6) / 2, abs=1e-3)

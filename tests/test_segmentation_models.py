@@ -224,3 +224,22 @@ def test_segmenter_files_refuse_other_files(tmp_path):
         load_segmenter(tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="not found"):
         load_segmenter(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("output_stride, strides, dilations", [
+    (32, [4, 8, 16, 32], [1, 1, 1]),
+    (16, [4, 8, 16, 16], [1, 1, 2]),  # only layer4 trades its stride for dilation
+    (8, [4, 8, 8, 8], [1, 2, 4]),
+])
+def test_each_output_stride_dilates_the_last_stages_only(output_stride, strides, dilations, one_thread):
+    h, w = 64, 96
+    model = build_segmenter("fcn", num_classes=K, output_stride=output_stride, aux_loss=True, head_channels=16).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, h, w))
+    # layer3 feeds the auxiliary head, layer4 the main one: each at its own stride.
+    assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
+        "aux": (h // strides[2], w // strides[2]), "out": (h // strides[3], w // strides[3])}, f"output stride {output_stride}: layer3 (aux) / layer4 (out) feature sizes"
+    got = [model.backbone[f"layer{i}"][-1].conv2.dilation[0] for i in (2, 3, 4)]
+    assert got == dilations, f"output stride {output_stride}: layer2-4 dilations {got}, expected {dilations}"
+    fpn = build_segmenter("semantic_fpn", num_classes=K, output_stride=output_stride, head_channels=32, fpn_channels=32).eval()
+    assert [f.stride for f in fpn.backbone.feature_info] == strides

@@ -99,6 +99,8 @@ def test_overlay_tints_labelled_pixels_only():
     assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
     assert out[:, 50, 50].tolist() == [114, 50, 50]  # halfway between (100, 100, 100) and VOC's (128, 0, 0)
     assert (out[:, :40, :40] == 100).all() and (out[:, 40:, :8] == 100).all()  # background and ignore untouched
+    faint = draw_segmentation(image, labels, alpha=0.25, legend=False)  # alpha is the colour's share, not the picture's
+    assert faint[:, 50, 50].tolist() == [107, 75, 75], "alpha=0.25: 0.75 x (100, 100, 100) + 0.25 x (128, 0, 0)"
     with_legend = draw_segmentation(image, labels, class_names=NAMES)
     assert not torch.equal(with_legend[:, :20, :40], out[:, :20, :40])  # the key is drawn top left
     assert torch.equal(draw_segmentation(torch.from_numpy(image).permute(2, 0, 1), labels, legend=False), out)
@@ -123,3 +125,26 @@ def test_saved_class_maps_are_voc_masks(tmp_path):
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
     _, mask = VOCSegmentation(root, "val").read_sample(0)
     np.testing.assert_array_equal(mask, labels)
+
+
+class _Recording(torch.nn.Module):
+    """A segmenter that records the size of every input it receives."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.model(x)
+
+
+def test_resize_scales_the_short_side_and_the_map_keeps_the_image_size(model, one_thread):
+    recording = _Recording(model)
+    predictor = SegmentationPredictor(recording, device="cpu", resize=20)
+    for h, w, expected in ((40, 56, (20, 28)), (56, 40, (28, 20)), (10, 30, (20, 60))):
+        result = predictor(_picture(h, w))
+        assert recording.sizes[-1] == expected, f"an image of {h}x{w} with resize=20 reached the model at {recording.sizes[-1]}"
+        assert result.class_map.shape == (h, w)
+    SegmentationPredictor(recording, device="cpu")(_picture(40, 56))
+    assert recording.sizes[-1] == (40, 56)  # no resize: the image as it is

@@ -377,3 +377,50 @@ def test_video_flags_out_of_range_or_for_images_are_one_error_line(checkpoint: P
         assert tool.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), *flags]) == 2, flags
         assert said in one_error_line(capsys.readouterr().err), flags
         assert not (tmp_path / "out").exists()
+
+
+SOLID = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (230, 200, 40)]  # RGB: red, green, blue, yellow
+
+
+def test_a_video_file_delivers_every_frame_in_rgb_and_its_end_is_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clip = _write_video(tmp_path / "solid.mp4", [np.full((HEIGHT, WIDTH, 3), c, np.uint8) for c in SOLID])  # written as BGR
+    with caplog.at_level("WARNING", logger="deploy.video"):
+        with open_source(str(clip)) as source:
+            frames = list(source)
+    assert source.frame_count == len(SOLID) and [f.index for f in frames] == list(range(len(SOLID)))
+    for frame, colour in zip(frames, SOLID):
+        mean = frame.image.reshape(-1, 3).mean(0)
+        assert np.abs(mean - colour).max() < 12, f"frame {frame.index}: mean colour {mean.round()} for RGB {colour} (BGR not converted?)"
+    assert source.skipped == 0 and not caplog.records, f"a complete file logged: {caplog.text}"
+
+
+def test_a_camera_delivers_rgb_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    bgr = [np.full((HEIGHT, WIDTH, 3), c[::-1], np.uint8) for c in SOLID]  # what OpenCV's capture gives
+    opened: list[int] = []
+
+    def capture(index: int) -> _FakeCapture:
+        opened.append(index)
+        return _FakeCapture(list(bgr))
+
+    monkeypatch.setattr(cv2, "VideoCapture", capture)
+    source = open_source("0", reconnect=0, reconnect_delay=0)
+    frames = list(source)
+    assert opened == [0] and source.live and source.frame_count is None
+    assert [tuple(int(v) for v in f.image[0, 0]) for f in frames] == SOLID, "camera frames must come out RGB"
+
+
+def test_a_stream_that_reports_its_length_ends_at_its_end_without_reconnecting(caplog: pytest.LogCaptureFixture) -> None:
+    # An HTTP(S) file read as a stream says how many frames it has: it is not live, so its end is the end.
+    black = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    opened: list[int] = []
+
+    def capture() -> _FakeCapture:
+        opened.append(1)
+        return _FakeCapture([black] * 3, count=3) if len(opened) == 1 else _FakeCapture(None)  # then it is gone
+
+    with caplog.at_level("WARNING", logger="deploy.video"):
+        source = CaptureSource(capture, kind="stream", name="https://host/clip.mp4", reconnect=2, reconnect_delay=0)
+        frames = list(source)
+    assert not source.live and source.frame_count == 3
+    assert [f.index for f in frames] == [0, 1, 2] and [f.time for f in frames] == [0.0, 0.04, 0.08]  # the file's clock
+    assert len(opened) == 1 and source.reconnects == 0 and not caplog.records, f"opened {len(opened)} times: {caplog.text}"
