@@ -72,6 +72,13 @@ def test_warmup_then_multistep():
     assert lrs[60] == pytest.approx(0.01)
 
 
+def test_warmup_in_epochs_adds_to_warmup_in_iterations():
+    # 0.5 epoch of 20 iterations, plus 4 iterations: the rate reaches 1.0 at iteration 14.
+    cfg = dict(DEFAULTS, warmup_iters=4, warmup_epochs=0.5, warmup_factor=0.001, lr_steps=[9], scheduler="multistep")
+    lrs = _lrs(cfg, iters_per_epoch=20, total=40)
+    assert lrs[7] == pytest.approx(0.001 * 0.5 + 0.5) and lrs[13] < 1.0 and lrs[14] == pytest.approx(1.0)
+
+
 def test_cosine_ends_near_zero():
     cfg = dict(DEFAULTS, warmup_iters=0, scheduler="cosine")
     lrs = _lrs(cfg, iters_per_epoch=10, total=100)

@@ -109,6 +109,11 @@ def test_resume_takes_this_runs_learning_rate_on_the_saved_schedule(tmp_path, ca
     scale = state.optimizer.param_groups[0]["lr"] / 0.004
     assert fresh.scheduler.last_epoch == 2 and scale < 1
     assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * scale)
+    # ... and stays this run's as the schedule goes on.
+    for _ in range(3):
+        state.scheduler.step()
+        fresh.scheduler.step()
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(state.optimizer.param_groups[0]["lr"] * 0.001 / 0.004)
 
 
 # Resume mid-epoch (the batches and rates of an uninterrupted run): tests/test_task_contract.py, for every task.

@@ -107,7 +107,14 @@ def test_resume_mid_epoch_sees_exactly_the_batches_and_rates_of_an_uninterrupted
     module = case.module
     flags = ("log_batches=true", "eval_period=0", "checkpoint_period=1")
     total = module.train(case.cfg(tmp_path, tmp_path / "straight", *flags), progress=False)["iteration"]
-    per_epoch = total // 2
+    # The uninterrupted run itself: two whole epochs, the first one the sampler's batches in its order.
+    probe = runner.setup_run(case.cfg(tmp_path, tmp_path / "probe", *flags), progress=False)
+    data = module.TASK.build_data(probe.cfg, probe)
+    per_epoch = data.iters_per_epoch
+    data.sampler.set_epoch(0)
+    sampled = [list(map(int, b)) for b in data.batch_sampler][:per_epoch]
+    assert total == 2 * per_epoch
+    assert [r["indices"] for r in _lines(tmp_path / "straight" / "batches.jsonl")[:per_epoch]] == sampled
     stop = max(per_epoch // 2, 1)  # inside the first epoch
     module.train(case.cfg(tmp_path, tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
     state = module.TASK.read_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
