@@ -1,4 +1,4 @@
-"""Channel pruning (detection.pruning, tools/prune.py): coupled channels, pruned files as data, every consumer, bad input.
+"""Channel pruning (detection.pruning, engine.channels, workflows.prune, tools/prune.py): coupled channels, pruned files as data, every consumer, bad input.
 
 Two strong checks of correctness carry the file:
 
@@ -24,15 +24,10 @@ from detection import build_detector, load_detector, save_detector
 from detection.checkpoint import CheckpointError
 from detection.config import apply_overrides, load_config
 from detection.models import rebuild_detector
-from detection.pruning import (
-    apply_channel_plan,
-    count_macs,
-    finetune_config,
-    iterative_prune,
-    prune_detector,
-    step_ratios,
-)
+from detection.pruning import count_macs, prune_detector, step_ratios
+from engine.channels import apply_channel_plan
 from backbones.resnet import resnet
+from workflows.prune import finetune_config, iterative_prune
 from helpers import load_tool, one_error_line, random_statistics
 
 
@@ -190,7 +185,7 @@ def test_pruning_dead_channels_gives_back_the_trained_detections(overfit_detecto
 
 
 def test_taylor_scores_training_batches_and_finds_the_dead_channels(overfit_detector, pruned_file):
-    from detection.pruning import calibration_batches
+    from workflows.prune import calibration_batches
 
     _, wide_path, _ = pruned_file
     wide = load_detector(wide_path)
