@@ -27,7 +27,7 @@ from engine.images import image_to_tensor, read_image_rgb
 from .files import RUNTIMES, is_exported, resolve_runtime
 from detection.models import has_masks
 
-__all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "load_model"]
+__all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "as_image_tensor", "load_model"]
 
 # Kept for callers that guess by name; what a file is comes from its bytes (deploy.files).
 EXPORTED_SUFFIXES = (".onnx",)
@@ -158,7 +158,16 @@ def _refuse_segmenter(path: Path) -> None:
                               "draw it with tools/infer_seg.py")
 
 
-def _to_tensor(image: ImageInput) -> torch.Tensor:
+def as_image_tensor(image: ImageInput) -> torch.Tensor:
+    """An image as ``Predictor`` takes it (path, PIL image, H x W x 3 uint8 RGB array, CHW float tensor) as a CHW float tensor in [0, 1].
+
+    Args:
+        image: a path or a PIL image (read upright, EXIF orientation applied), an RGB array, or a tensor (returned as is).
+
+    Raises:
+        ValueError: an array or tensor of the wrong shape or type.
+        TypeError: something that is not an image.
+    """
     if isinstance(image, (str, os.PathLike)):
         return image_to_tensor(read_image_rgb(image))
     if isinstance(image, torch.Tensor):
@@ -259,7 +268,7 @@ class Predictor:
             A :class:`Prediction` for one image, a list of them for a list.
         """
         single = not isinstance(images, (list, tuple))
-        batch = [_to_tensor(img) for img in ([images] if single else images)]
+        batch = [as_image_tensor(img) for img in ([images] if single else images)]
         if not batch:
             return []
         outputs = self.predict_tensors(batch)
@@ -312,7 +321,7 @@ class Predictor:
 
     def _stream(self, frames: Iterable[ImageInput], *, requests: int, streams: int | None, prefetch: int) -> Iterator[Prediction]:
         # A generator apart from stream(), so that stream() checks its arguments when called, not at the first next().
-        images = (_to_tensor(frame) for frame in frames)
+        images = (as_image_tensor(frame) for frame in frames)
         tensors = _background(images, prefetch) if prefetch else images
         try:
             if requests == 1 and streams is None:
@@ -368,9 +377,9 @@ class Predictor:
         """The OpenVINO file compiled again with ``streams`` CPU streams (kept for later streams)."""
         cache = self._openvino_streaming_models
         if streams not in cache:
-            from .runtime import _openvino_core
+            from .runtime import openvino_core
 
-            core = _openvino_core()
+            core = openvino_core()
             config = {**self.model.openvino_config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams)}
             cache[streams] = core.compile_model(core.read_model(str(self.model.path)), "CPU", config)
             log.info("%s compiled with %d CPU streams (%s requests in flight is what keeps them busy)", self.model.path, streams,

@@ -36,7 +36,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from .files import EXPORTED_RUNTIMES, NMS_WITHOUT_BRANCH, TASKS, FileFormatError, read_exported_metadata, resolve_runtime
 
-__all__ = ["EXPORTED_RUNTIMES", "ExportedDetector", "ExportedSegmenter", "RuntimeUnavailableError", "load_exported"]
+__all__ = ["EXPORTED_RUNTIMES", "ExportedDetector", "ExportedSegmenter", "RuntimeUnavailableError", "load_exported", "openvino_core"]
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ _PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
 @functools.lru_cache(maxsize=1)
-def _openvino_core() -> Any:
+def openvino_core() -> Any:
     """One ``openvino.Core`` for the process, never freed before exit.
 
     Each Core's CPU plugin installs its own alternate signal stack on the calling thread
@@ -285,7 +285,7 @@ def _load_openvino(path: Path, meta: dict[str, Any], precision: Optional[str], n
     if meta.get("task") == "detection" and meta.get("nms") != NMS_WITHOUT_BRANCH:
         log.warning("%s was exported before its NMS was made safe for OpenVINO: on an image where the model finds nothing, "
                     "OpenVINO returns one invented detection; export it again with tools/export.py", path)
-    core = _openvino_core()
+    core = openvino_core()
     compiled = _read(path, "OpenVINO", lambda: core.compile_model(core.read_model(str(path)), "CPU", config))
     # What the CPU plugin will actually run (it may differ from the hint, e.g. bf16 where the CPU lacks it).
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")

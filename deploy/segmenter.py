@@ -9,7 +9,7 @@ auxiliary head, a training aid, is left out of the file. ``metadata_props`` carr
 a runtime needs: ``task`` (``"segmentation"``), class names and their number, mean and
 std, the input convention, architecture, backbone, output stride, the size it was
 traced at, opset, precision, build arguments and the checkpoint's training config
-(``deploy.export.read_metadata``). ``deploy.runtime.load_exported`` runs such a file
+(``deploy.onnx_meta.read_metadata``). ``deploy.runtime.load_exported`` runs such a file
 behind the eager model's own call (normalised batch in, ``{"out": logits}`` out), so
 ``segmentation.evaluation`` and ``segmentation.predict`` take it unchanged.
 
@@ -19,6 +19,9 @@ size from a tensor's shape, so nothing of the traced size is left in the graph (
 tests run each architecture at sizes other than the traced one). Int8 is
 ``deploy.export.quantize_onnx``, the detectors' quantiser: static quantisation of every
 convolution, calibrated on training images in [0, 1] (``seg_calibration_images``).
+
+``deploy.export`` calls this module for segmenters and ``deploy.detector`` for detectors;
+both build on ``deploy.onnx_meta`` and neither imports the other.
 """
 
 import copy
@@ -36,8 +39,8 @@ from torch import Tensor, nn
 from segmentation.data import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.models import ARCHS as SEGMENTER_ARCHS
 
-from .export import METADATA_VERSION, ExportError, _require, _set_metadata, check_opset
 from .files import publish, temporary_folder
+from .onnx_meta import METADATA_VERSION, ExportError, check_opset, require, set_metadata, write_torchscript
 
 __all__ = [
     "SEG_EXPORT_SIZE",
@@ -144,13 +147,13 @@ def export_segmenter_onnx(
     Args:
         model: a segmenter from ``build_segmenter`` / ``load_segmenter``; it is not modified.
         output: destination ``.onnx`` file.
-        opset: ONNX opset (``deploy.export.check_opset``).
+        opset: ONNX opset (``deploy.onnx_meta.check_opset``).
         export_size: ``(height, width)`` of the sample traced (default ``SEG_EXPORT_SIZE``).
 
     Returns:
         The output path and the size traced.
     """
-    onnx = _require("onnx")
+    onnx = require("onnx")
     check_opset(opset)
     _check(model)
     output = Path(output)
@@ -167,7 +170,7 @@ def export_segmenter_onnx(
             )
         proto = onnx.load(str(raw))
         meta = _seg_metadata(model, opset=opset, export_size=size)
-        _set_metadata(proto, meta)
+        set_metadata(proto, meta)
         proto.producer_name = "resfpn"
         proto.doc_string = f"{meta['resfpn.arch']} {meta['resfpn.backbone']}: images [N,3,H,W] RGB 0..1 -> out [N,K,H,W] logits"
         final = tmp / "model.onnx"
@@ -180,7 +183,7 @@ def export_segmenter_torchscript(model: nn.Module, output: "str | os.PathLike[st
     """Script a segmenter (``DeployedSegmenter``: images in [0, 1] -> logits) and save it atomically.
 
     The file loads with ``torch.jit.load`` (no resfpn needed); its metadata is in
-    ``resfpn.json``, as for detectors. ``deploy.export.export_torchscript`` calls it for segmenters.
+    ``resfpn.json``, as for detectors; no log line. ``deploy.export.export_torchscript`` calls it for segmenters (and logs).
 
     Args:
         model: a segmenter from ``build_segmenter`` / ``load_segmenter``; it is not modified.
@@ -190,18 +193,8 @@ def export_segmenter_torchscript(model: nn.Module, output: "str | os.PathLike[st
         The output path.
     """
     _check(model)
-    output = Path(output)
     meta = _seg_metadata(model, opset=None, export_size=None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
-        scripted = torch.jit.script(DeployedSegmenter(copy.deepcopy(model).cpu().float().eval()).eval())
-    with temporary_folder(output) as tmp:
-        final = tmp / "model.pt"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
-            torch.jit.save(scripted, str(final), _extra_files={"resfpn.json": json.dumps(meta)})
-        publish(final, output)
-    return output
+    return write_torchscript(DeployedSegmenter(copy.deepcopy(model).cpu().float().eval()).eval(), output, meta)
 
 
 def seg_calibration_images(

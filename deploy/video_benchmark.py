@@ -162,7 +162,7 @@ def _stage_times(predictor: Any, clip: str, frames: int, out_dir: Path) -> tuple
     """Median ms per stage over ``frames`` frames (after one of warm-up), nothing overlapped; and detections per frame."""
     import cv2
 
-    from deploy.predictor import _to_tensor
+    from deploy.predictor import as_image_tensor
     from detection.visualize import draw_detections
 
     capture = cv2.VideoCapture(clip)
@@ -178,7 +178,7 @@ def _stage_times(predictor: Any, clip: str, frames: int, out_dir: Path) -> tuple
                 break
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             t1 = time.perf_counter()
-            tensor = _to_tensor(rgb)
+            tensor = as_image_tensor(rgb)
             t2 = time.perf_counter()
             out = predictor.predict_tensors([tensor])[0]
             t3 = time.perf_counter()

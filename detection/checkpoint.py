@@ -8,7 +8,7 @@ atomically (a kill at any moment leaves the previous file or the new one):
   dict), ``build_args`` (what ``build_detector`` needs to rebuild it), and optionally
   ``category_mapping`` (``{"cat_ids", "names"}``), ``config``, ``iteration`` and, for a
   pruned model, ``channel_plan`` (``{module name: {width attribute: value}}``, the widths
-  that differ from the architecture ``build_args`` describe: ``detection.pruning``);
+  that differ from the architecture ``build_args`` describe: ``engine.channels``);
 * a **training state** (``checkpoint.pth``, written by the runner, ``engine.runner.state``):
   the detector keys with ``category_mapping``, plus the runner's ``optimizer``,
   ``scheduler``, ``scaler``, ``epoch``, ``iteration`` and ``config``, which is what an
@@ -31,6 +31,7 @@ from torch import nn
 
 from backbones.weights import read_checkpoint
 
+from engine.channels import apply_channel_plan
 from engine.files import FORMAT_VERSION, CheckpointError, atomic_save, check_keys, read_torch_file, source_name, unwrap
 from engine.runner.state import STATE_KEYS
 from engine.runner.state import read_training_state as runner_read_training_state
@@ -132,8 +133,6 @@ def load_detector(checkpoint: str | os.PathLike | Mapping[str, Any], *, device: 
     try:
         model = rebuild_detector(ckpt["build_args"])
         if ckpt.get("channel_plan"):
-            from .pruning import apply_channel_plan
-
             apply_channel_plan(model, ckpt["channel_plan"])
         model.load_state_dict(ckpt["model"], strict=True)
     except Exception as e:  # noqa: BLE001  (whatever the file's content breaks, it does not rebuild a detector)

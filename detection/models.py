@@ -369,11 +369,3 @@ def has_masks(model: Any) -> bool:
     roi_heads = getattr(model, "roi_heads", None)
     return roi_heads is not None and getattr(roi_heads, "mask_predictor", None) is not None
 
-
-def __getattr__(name: str) -> Any:
-    # save_detector / load_detector live with every other on-disk key in detection.checkpoint.
-    if name in ("save_detector", "load_detector"):
-        from . import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

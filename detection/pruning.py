@@ -28,15 +28,15 @@ BatchNorm2d for the trace (eval-mode BatchNorm is the same affine map) and retur
 
 A pruned model is data, not code: ``channel_plan`` lists the widths that differ from the
 architecture its ``build_args`` describe (``{module name: {"out_channels": 64, ...}}``),
-``detection.checkpoint`` stores it beside the state dict, and ``apply_channel_plan``
+``detection.checkpoint`` stores it beside the state dict, and ``engine.channels.apply_channel_plan``
 narrows a freshly built standard model to it before ``load_state_dict(strict=True)``.
-No module is ever pickled.
+No module is ever pickled. Pruning a file and fine-tuning it (``tools/prune.py``) is
+``workflows.prune``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -50,21 +50,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torchvision.ops import FrozenBatchNorm2d
 
+from engine.channels import plan_against, sync_descriptions, width_keys
+from engine.files import unwrap
+
+from .models import rebuild_detector
+
 __all__ = [
     "IMPORTANCES",
     "MAC_SIZE",
     "SCOPES",
     "PruneResult",
-    "PruneSummary",
     "PrunedGroup",
-    "apply_channel_plan",
-    "calibration_batches",
     "channel_plan",
     "check_prune_args",
     "count_macs",
-    "finetune_config",
-    "iterative_prune",
-    "prune_checkpoint",
     "prune_detector",
     "step_ratios",
 ]
@@ -77,16 +76,6 @@ MAC_SIZE = (800, 1216)  # the network input the issue's cost figures are for (he
 # The trace's input side: every level down to P7 (stride 128) is at least 1x1; GroupNorm layers (FCOS's
 # towers, a "gn" trunk) pruned to one channel per group need more than one value, so P7 gets 2x2.
 _TRACE_SIZE, _TRACE_SIZE_GN = 64, 160
-
-# The attributes that hold a layer's widths, per layer type: what a channel plan records.
-_WIDTH_KEYS: tuple[tuple[type, tuple[str, ...]], ...] = (
-    (_ConvNd, ("in_channels", "out_channels")),
-    (nn.Linear, ("in_features", "out_features")),
-    (_BatchNorm, ("num_features",)),
-    (FrozenBatchNorm2d, ("num_features",)),
-    (nn.GroupNorm, ("num_channels",)),
-)
-
 
 @dataclass(frozen=True)
 class PrunedGroup:
@@ -127,10 +116,6 @@ class PruneResult:
     removed: dict[str, dict[str, list[int]]]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def check_prune_args(*, ratio: Any, scope: Any = "all", importance: Any = "l1", round_to: Any = 1, steps: Any = 1) -> None:
     """Raise ``ValueError`` for arguments ``prune_detector`` cannot use, naming the value and what is valid.
 
@@ -167,20 +152,7 @@ def step_ratios(ratio: float, steps: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The channel plan: pruned widths as data
-
-
-def _width_keys(module: nn.Module) -> tuple[str, ...] | None:
-    for kind, keys in _WIDTH_KEYS:
-        if isinstance(module, kind):
-            return keys
-    return None
-
-
-def _widths(module: nn.Module) -> dict[str, int]:
-    if isinstance(module, FrozenBatchNorm2d):
-        return {"num_features": int(module.weight.shape[0])}
-    return {key: int(getattr(module, key)) for key in _width_keys(module) or ()}
+# The channel plan: pruned widths as data (engine.channels), against the detector's standard architecture
 
 
 def channel_plan(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -197,118 +169,10 @@ def channel_plan(model: nn.Module) -> dict[str, dict[str, int]]:
         ValueError: the model has no ``build_args``, or differs from its standard
             architecture in more than widths.
     """
-    from .models import rebuild_detector
-
-    model = _unwrap(model)
-    build_args = getattr(model, "build_args", None)
+    build_args = getattr(unwrap(model), "build_args", None)
     if not isinstance(build_args, Mapping):
         raise ValueError("model has no build_args: build it with detection.build_detector (or load_detector)")
-    reference = dict(rebuild_detector(build_args).named_modules())
-    plan: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        keys = _width_keys(module)
-        if keys is None:
-            continue
-        ref = reference.get(name)
-        if ref is None or type(ref) is not type(module):
-            raise ValueError(f"{name} ({type(module).__name__}) is not in the architecture build_args describe: only widths may differ")
-        widths = _widths(module)
-        if widths != _widths(ref):
-            plan[name] = widths
-    return plan
-
-
-def _new_parameter(old: nn.Parameter, shape: Sequence[int]) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(tuple(shape), dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
-
-
-def _resize(name: str, module: nn.Module, widths: Mapping[str, Any]) -> None:
-    """Give ``module`` the widths of a plan entry: attributes and zero-filled tensors of the new shapes."""
-    keys = _width_keys(module)
-    if keys is None:
-        raise ValueError(f"channel plan entry {name} is a {type(module).__name__}, which has no widths to set")
-    if not isinstance(widths, Mapping) or set(widths) != set(keys):
-        raise ValueError(f"channel plan entry {name} ({type(module).__name__}) must set {list(keys)}, got {widths!r}")
-    for key, value in widths.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"channel plan entry {name}: {key} must be a positive integer, got {value!r}")
-    if isinstance(module, _ConvNd):
-        cin, cout, groups = widths["in_channels"], widths["out_channels"], module.groups
-        if cin % groups or cout % groups:
-            raise ValueError(f"channel plan entry {name}: {cin} -> {cout} channels do not divide into {groups} groups")
-        shape = (cin, cout // groups) if module.transposed else (cout, cin // groups)
-        module.in_channels, module.out_channels = cin, cout
-        module.weight = _new_parameter(module.weight, (*shape, *module.kernel_size))
-        if module.bias is not None:
-            module.bias = _new_parameter(module.bias, (cout,))
-    elif isinstance(module, nn.Linear):
-        module.in_features, module.out_features = widths["in_features"], widths["out_features"]
-        module.weight = _new_parameter(module.weight, (module.out_features, module.in_features))
-        if module.bias is not None:
-            module.bias = _new_parameter(module.bias, (module.out_features,))
-    elif isinstance(module, nn.GroupNorm):
-        n = widths["num_channels"]
-        if n % module.num_groups:
-            raise ValueError(f"channel plan entry {name}: {n} channels do not divide into {module.num_groups} GroupNorm groups")
-        module.num_channels = n
-        if module.affine:
-            module.weight, module.bias = _new_parameter(module.weight, (n,)), _new_parameter(module.bias, (n,))
-    else:  # BatchNorm (parameters and statistics) or FrozenBatchNorm2d (buffers only)
-        n = widths["num_features"]
-        if isinstance(module, _BatchNorm):
-            module.num_features = n
-            if module.affine:
-                module.weight, module.bias = _new_parameter(module.weight, (n,)), _new_parameter(module.bias, (n,))
-            stats = ("running_mean", "running_var") if module.track_running_stats else ()
-        else:
-            stats = ("weight", "bias", "running_mean", "running_var")
-        for buffer in stats:
-            old = getattr(module, buffer)
-            setattr(module, buffer, torch.zeros(n, dtype=old.dtype, device=old.device))
-
-
-def _sync_descriptions(model: nn.Module) -> None:
-    """Make the backbone's published widths (``out_channels``, ``feature_info``) say what its pyramid now outputs."""
-    backbone = getattr(model, "backbone", None)
-    fpn = getattr(backbone, "fpn", None)
-    if fpn is None:
-        return
-    convs = [m for m in fpn.layer_blocks[0].modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        return
-    width = convs[0].out_channels
-    backbone.out_channels = width
-    info = getattr(backbone, "feature_info", None)
-    if isinstance(info, list):
-        backbone.feature_info = [dataclasses.replace(f, channels=width) if dataclasses.is_dataclass(f) else f for f in info]
-
-
-def apply_channel_plan(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
-    """Narrow a standard detector to a channel plan, in place, so a pruned state dict loads with ``strict=True``.
-
-    The weights become zeros of the planned shapes: load the pruned state dict next.
-
-    Args:
-        model: a detector built from the pruned model's ``build_args``.
-        plan: what ``channel_plan`` returned for the pruned model.
-
-    Returns:
-        ``model``, with ``model.channel_plan`` set.
-
-    Raises:
-        ValueError: the plan is not a mapping of module names to widths, names a module the
-            model lacks, or sets widths a layer cannot take.
-    """
-    if not isinstance(plan, Mapping):
-        raise ValueError(f"a channel plan is a mapping of module names to widths, got {type(plan).__name__}")
-    modules = dict(_unwrap(model).named_modules())
-    for name, widths in plan.items():
-        if name not in modules:
-            raise ValueError(f"the channel plan names {name!r}, which this {type(_unwrap(model)).__name__} has no module of")
-        _resize(name, modules[name], widths)
-    _sync_descriptions(_unwrap(model))
-    _unwrap(model).channel_plan = {name: dict(widths) for name, widths in plan.items()}
-    return model
+    return plan_against(model, rebuild_detector(build_args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +333,7 @@ def prune_detector(
     batches = list(batches) if batches is not None else None
     if importance == "taylor" and not batches:
         raise ValueError("importance 'taylor' needs a few training batches (batches=[(images, targets), ...])")
-    model = _unwrap(model)
+    model = unwrap(model)
     if not hasattr(model, "backbone") or not (hasattr(model, "rpn") or hasattr(model, "head")):
         raise ValueError(f"expected a detector from build_detector (Faster/Mask R-CNN, RetinaNet, FCOS), got {type(model).__name__}")
     if not inplace:
@@ -539,7 +403,7 @@ def prune_detector(
             group = graph.get_pruning_group(*prune)
             for dep, idxs in group:
                 target = dep.target.module
-                if target in names and isinstance(target, nn.Module) and _width_keys(target) is not None:
+                if target in names and isinstance(target, nn.Module) and width_keys(target) is not None:
                     side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
                     removed.setdefault(names[target], {}).setdefault(side, []).extend(int(i) for i in idxs)
             group.prune()
@@ -549,7 +413,7 @@ def prune_detector(
     _batchnorm_to_frozen(model, frozen)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable.get(name, True))
-    _sync_descriptions(model)
+    sync_descriptions(model)
     model.eval()
     plan = channel_plan(model)
     model.channel_plan = plan
@@ -581,7 +445,7 @@ def count_macs(model: nn.Module, size: tuple[int, int] = MAC_SIZE) -> dict[str, 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = copy.deepcopy(_unwrap(model)).to("meta").eval()
+    model = copy.deepcopy(unwrap(model)).to("meta").eval()
     parts: dict[str, float] = {}
 
     def counted(part: str, fn: Any, *args: Any) -> Any:
@@ -607,225 +471,3 @@ def count_macs(model: nn.Module, size: tuple[int, int] = MAC_SIZE) -> dict[str, 
             counted("head", model.head, list(levels.values()))
     parts["total"] = sum(parts.values())
     return parts
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints in, checkpoints out: what tools/prune.py does
-
-
-@dataclass
-class PruneSummary:
-    """One prune of a checkpoint: what went in, what came out.
-
-    Attributes:
-        output: the pruned file.
-        params: ``(before, after)`` parameter counts.
-        macs: ``(before, after)`` of ``count_macs`` at ``mac_size``.
-        mac_size: ``(height, width)`` the MACs are for.
-        groups: the groups of coupled channels (``PrunedGroup``).
-        rois: the box head's RoI count in ``macs`` (R-CNNs), else ``None``.
-    """
-
-    output: Any
-    params: tuple[int, int]
-    macs: tuple[dict[str, float], dict[str, float]]
-    mac_size: tuple[int, int]
-    groups: list[PrunedGroup]
-    rois: int | None = None
-
-
-def _training_config(config: Mapping[str, Any] | None, data_path: str | None) -> dict[str, Any]:
-    from .config import DEFAULTS
-
-    cfg: dict[str, Any] = {**DEFAULTS, **dict(config or {})}
-    if data_path is not None:
-        cfg.update(data_path=str(data_path), train_split=None, val_split=None)
-    return cfg
-
-
-def calibration_batches(
-    config: Mapping[str, Any] | None,
-    *,
-    data_path: str | None = None,
-    images: int = 16,
-    batch_size: int = 2,
-    masks: bool = False,
-) -> list[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-    """Training batches for data-aware importance (``"taylor"``): images spread evenly over the training split.
-
-    Args:
-        config: the checkpoint's training config (its data; the shapes set when it has no
-            ``data_path``).
-        data_path: a COCO-layout root to read instead.
-        images: how many images (the split's size if smaller).
-        batch_size: images per batch.
-        masks: read instance masks (Mask R-CNN's loss needs them).
-
-    Raises:
-        ValueError: no training data is known, or the split has no usable image.
-    """
-    from engine.roots import prepare_data_root
-
-    from .data import CocoDetection, collate_fn
-
-    if config is None and data_path is None:
-        raise ValueError("importance 'taylor' needs training images and the checkpoint records no training data: pass --data-path DIR")
-    cfg = _training_config(config, data_path)
-    root, split, _ = prepare_data_root(cfg)
-    dataset = CocoDetection(root, split, masks=masks, drop_empty=True, exif_transpose=cfg["exif_transpose"])
-    if len(dataset) == 0:
-        raise ValueError(f"importance 'taylor' needs training images with objects, and {root}/{split} has none")
-    n = min(images, len(dataset))
-    indices = sorted({int(i * len(dataset) / n) for i in range(n)})
-    samples = [dataset[i] for i in indices]
-    return [collate_fn(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
-
-
-def prune_checkpoint(
-    checkpoint: Any,
-    output: Any,
-    *,
-    ratio: float,
-    scope: str = "all",
-    importance: str = "l1",
-    data_path: str | None = None,
-    calib_images: int = 16,
-    round_to: int = 1,
-    mac_size: tuple[int, int] = MAC_SIZE,
-) -> PruneSummary:
-    """Prune a detector file and write the pruned one (atomically): ``tools/prune.py`` without fine-tuning.
-
-    The pruned file keeps the source's category mapping and training config (so
-    ``eval_coco.py`` finds the data and ``--finetune`` the recipe) and adds its channel plan.
-
-    Args:
-        checkpoint: ``model_final.pth`` / ``checkpoint.pth`` (pruned before or not).
-        output: the pruned file.
-        ratio: as ``prune_detector``.
-        scope: as ``prune_detector``.
-        importance: as ``prune_detector``; ``"taylor"`` reads ``calib_images`` training images.
-        data_path: the training data for ``"taylor"`` (default the checkpoint's).
-        calib_images: how many training images ``"taylor"`` scores on.
-        round_to: as ``prune_detector``.
-        mac_size: the network input the MACs are counted at.
-
-    Raises:
-        CheckpointError: the file is not a detector checkpoint (or does not rebuild one).
-        ValueError: as ``prune_detector``.
-    """
-    from .checkpoint import load_detector, save_detector
-    from .models import count_parameters, has_masks
-
-    check_prune_args(ratio=ratio, scope=scope, importance=importance, round_to=round_to)
-    model = load_detector(checkpoint)
-    batches = None
-    if importance == "taylor":
-        batches = calibration_batches(model.train_config, data_path=data_path, images=calib_images, masks=has_masks(model))
-    before = (count_parameters(model)[0], count_macs(model, mac_size))
-    result = prune_detector(model, ratio=ratio, scope=scope, importance=importance, batches=batches, round_to=round_to, inplace=True)
-    after = (count_parameters(result.model)[0], count_macs(result.model, mac_size))
-    written = save_detector(result.model, output, category_mapping=model.category_mapping, config=model.train_config)
-    rois = int(model.rpn._post_nms_top_n["testing"]) if hasattr(model, "rpn") else None
-    return PruneSummary(written, (before[0], after[0]), (before[1], after[1]), tuple(mac_size), result.groups, rois)
-
-
-def finetune_config(
-    train_config: Mapping[str, Any] | None,
-    *,
-    init_checkpoint: Any,
-    output_dir: Any,
-    epochs: int,
-    lr_scale: float = 0.1,
-    overrides: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The fine-tuning run of a pruned model: its original recipe, fewer epochs, a lower learning rate.
-
-    Args:
-        train_config: the training config the model was trained with (stored in its checkpoint).
-        init_checkpoint: the pruned file to start from.
-        output_dir: the fine-tuning run's folder.
-        epochs: epochs of fine-tuning.
-        lr_scale: the recipe's learning rate times this.
-        overrides: ``key=value`` strings applied last (``tools/train_det.py --set``).
-
-    Raises:
-        ConfigError: no recipe is recorded, or an override or value is invalid.
-    """
-    from .config import ConfigError, DETECTION, apply_overrides
-
-    if not train_config:
-        raise ConfigError("the checkpoint records no training config, so there is no recipe to fine-tune with: fine-tune with "
-                          "tools/train_det.py --config RECIPE --init-checkpoint PRUNED.pth")
-    if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale <= 1:
-        raise ConfigError(f"the fine-tuning learning-rate scale must be a number in (0, 1], got {lr_scale!r}")
-    cfg = {k: v for k, v in dict(train_config).items() if k in DETECTION.defaults}
-    cfg = {**DETECTION.defaults, **cfg}
-    return apply_overrides(cfg, overrides, init_checkpoint=str(init_checkpoint), output_dir=str(output_dir), epochs=epochs,
-                           lr=float(cfg["lr"]) * lr_scale)
-
-
-def iterative_prune(
-    checkpoint: Any,
-    output: Any,
-    *,
-    ratio: float,
-    steps: int,
-    finetune_epochs: int,
-    work_dir: Any,
-    scope: str = "all",
-    importance: str = "l1",
-    data_path: str | None = None,
-    calib_images: int = 16,
-    round_to: int = 1,
-    lr_scale: float = 0.1,
-    overrides: Sequence[str] = (),
-    mac_size: tuple[int, int] = MAC_SIZE,
-    progress: bool = True,
-) -> list[PruneSummary]:
-    """Prune -> fine-tune, ``steps`` times, each step removing the same fraction of what is left; resumable.
-
-    Step ``k`` writes ``work_dir/step{k}_pruned.pth`` and fine-tunes it with the detection
-    trainer into ``work_dir/step{k}/`` (``finetune_config``); the last fine-tuned
-    ``model_final.pth`` is copied to ``output``. Run again after an interruption, it skips
-    finished steps and resumes a fine-tuning run from its ``checkpoint.pth``.
-
-    Args:
-        checkpoint: the trained detector file.
-        output: the final pruned, fine-tuned file.
-        ratio: overall fraction of each group's channels to remove.
-        steps: prune/fine-tune rounds (``step_ratios``).
-        finetune_epochs: epochs of each fine-tuning run.
-        work_dir: where the steps' files and runs go.
-        scope, importance, data_path, calib_images, round_to, mac_size: as ``prune_checkpoint``.
-        lr_scale, overrides: as ``finetune_config``.
-        progress: progress bars in the fine-tuning runs.
-
-    Returns:
-        One ``PruneSummary`` per step pruned in this call.
-    """
-    from pathlib import Path
-
-    from engine.files import atomic_write, read_torch_file
-
-    from .training import preflight, train
-
-    work = Path(work_dir)
-    summaries = []
-    source = Path(checkpoint)
-    train_config = read_torch_file(source).get("config")
-    for k, step_ratio in enumerate(step_ratios(ratio, steps), start=1):
-        pruned, run_dir = work / f"step{k}_pruned.pth", work / f"step{k}"
-        final = run_dir / "model_final.pth"
-        if not final.is_file():
-            if not pruned.is_file():
-                logger.info("step %d/%d: pruning %s by %.4g", k, steps, source, step_ratio)
-                summaries.append(prune_checkpoint(source, pruned, ratio=step_ratio, scope=scope, importance=importance,
-                                                  data_path=data_path, calib_images=calib_images, round_to=round_to, mac_size=mac_size))
-            cfg = finetune_config(train_config, init_checkpoint=pruned, output_dir=run_dir, epochs=finetune_epochs,
-                                  lr_scale=lr_scale, overrides=overrides)
-            resume = (run_dir / "checkpoint.pth").is_file() or None
-            logger.info("step %d/%d: fine-tuning %s for %d epochs%s", k, steps, pruned, finetune_epochs, " (resuming)" if resume else "")
-            train(preflight(cfg, resume=resume), resume=resume, progress=progress)
-        source = final
-    atomic_write(output, lambda f: f.write(Path(source).read_bytes()))
-    return summaries

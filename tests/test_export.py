@@ -398,3 +398,23 @@ def test_not_exported_files_are_refused(tmp_path):
         load_exported(bad)
     with pytest.raises(ExportError, match="expected a torchvision detector"):
         export_onnx(nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+def test_one_place_picks_the_exporter_by_the_models_kind(tmp_path):
+    """deploy.export.model_export decides detector or segmenter once; every entry point goes through it."""
+    from deploy.export import model_export
+    from segmentation import build_segmenter
+
+    detector = _small_detector("retinanet")
+    segmenter = build_segmenter("semantic_fpn", num_classes=3, head_channels=32).eval()
+    assert model_export(detector).kind == "detector"
+    assert model_export(detector, category_mapping=MAPPING).kind == "detector"
+    assert model_export(segmenter).kind == "segmenter"
+    with pytest.raises(ExportError, match="category_mapping is a detector's"):
+        model_export(segmenter, category_mapping=MAPPING)
+    for other in (nn.Linear(2, 2), object()):
+        with pytest.raises(ExportError, match=r"expected a torchvision detector .* \(or a segmenter .*\), got"):
+            model_export(other)
+    with pytest.raises(ExportError, match="expected a torchvision detector"):
+        export_torchscript(nn.Linear(2, 2), tmp_path / "x.pt")
+    assert not any(tmp_path.iterdir())

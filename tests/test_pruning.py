@@ -1,4 +1,4 @@
-"""Channel pruning (detection.pruning, tools/prune.py): coupled channels, pruned files as data, every consumer, bad input.
+"""Channel pruning (detection.pruning, engine.channels, workflows.prune, tools/prune.py): coupled channels, pruned files as data, every consumer, bad input.
 
 Two strong checks of correctness carry the file:
 
@@ -24,17 +24,35 @@ from detection import build_detector, load_detector, save_detector
 from detection.checkpoint import CheckpointError
 from detection.config import apply_overrides, load_config
 from detection.models import rebuild_detector
-from detection.pruning import (
-    apply_channel_plan,
-    count_macs,
-    finetune_config,
-    iterative_prune,
-    prune_detector,
-    step_ratios,
-)
+from detection.pruning import count_macs, prune_detector, step_ratios
+from engine.channels import apply_channel_plan
 from backbones.resnet import resnet
+from workflows.prune import finetune_config, iterative_prune
 from helpers import load_tool, one_error_line, random_statistics
 
+
+
+def test_channel_plans_are_module_widths_of_any_network():
+    """engine.channels knows layer widths, not detectors: a plan read against the wide network narrows it back exactly."""
+    from engine.channels import plan_against
+
+    def net(c: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, c, 3), nn.BatchNorm2d(c), nn.GroupNorm(2, c), nn.Flatten(), nn.Linear(c * 4, 5))
+
+    torch.manual_seed(0)
+    narrow = random_statistics(net(4)).eval()
+    plan = plan_against(narrow, net(8))
+    assert plan == {"0": {"in_channels": 3, "out_channels": 4}, "1": {"num_features": 4}, "2": {"num_channels": 4},
+                    "4": {"in_features": 16, "out_features": 5}}
+    assert plan_against(narrow, net(4)) == {}
+    rebuilt = apply_channel_plan(net(8), plan).eval()
+    rebuilt.load_state_dict(narrow.state_dict(), strict=True)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(rebuilt(x), narrow(x)) and rebuilt.channel_plan == plan
+    with pytest.raises(ValueError, match="only widths may differ"):
+        plan_against(nn.Sequential(nn.Conv2d(3, 4, 3)), nn.Sequential(nn.Linear(3, 4)))
+    with pytest.raises(ValueError, match="GroupNorm groups"):
+        apply_channel_plan(net(8), {"2": {"num_channels": 3}})
 
 # --- coupled channels: the pruned model is the unpruned one with the removed channels cut off ----
 
@@ -190,7 +208,7 @@ def test_pruning_dead_channels_gives_back_the_trained_detections(overfit_detecto
 
 
 def test_taylor_scores_training_batches_and_finds_the_dead_channels(overfit_detector, pruned_file):
-    from detection.pruning import calibration_batches
+    from workflows.prune import calibration_batches
 
     _, wide_path, _ = pruned_file
     wide = load_detector(wide_path)

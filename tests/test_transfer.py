@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from detection.transfer import ARMS, run_transfer_demo
+from workflows.transfer import ARMS, run_transfer_demo
 
 REPO = Path(__file__).resolve().parents[1]
 

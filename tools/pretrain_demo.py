@@ -17,7 +17,7 @@ import sys
 
 from engine.cli import run_tool
 
-ARM_NAMES = ["scratch", "pretrained"]  # detection.transfer.ARMS, without importing torch here
+ARM_NAMES = ["scratch", "pretrained"]  # workflows.transfer.ARMS, without importing torch here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from detection.transfer import run_transfer_demo
+    from workflows.transfer import run_transfer_demo
 
     summary = run_transfer_demo(args.output_dir, arms=args.arms, scratch_set=args.scratch_set, pretrain_set=args.pretrain_set,
                                 finetune_set=args.finetune_set, progress=not args.no_progress)

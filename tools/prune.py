@@ -87,8 +87,9 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"importance taylor scores training images and {checkpoint} records no training data: pass --data-path DIR")
     work_dir = Path(args.work_dir) if args.work_dir else output.with_name(output.stem + "_steps")
     if args.finetune_epochs is not None:
-        from detection.pruning import finetune_config, prune_detector
+        from detection.pruning import prune_detector
         from detection.training import preflight
+        from workflows.prune import finetune_config
 
         overrides = [*args.finetune_set, *([f"data_path={args.data_path}"] if args.data_path else [])]
         # The recipe, the data and the device are checked now, with the unpruned file standing in for the steps' ones.
@@ -122,7 +123,7 @@ def _print_summary(summary: Any, title: str) -> None:
 
 
 def _work(checked: dict[str, Any]) -> int:
-    from detection.pruning import iterative_prune, prune_checkpoint
+    from workflows.prune import iterative_prune, prune_checkpoint
 
     args, work_dir = checked["args"], checked["work_dir"]
     common = dict(scope=args.scope, importance=args.importance, data_path=args.data_path, calib_images=args.calib_images,

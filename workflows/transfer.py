@@ -16,6 +16,9 @@ close to the pretrained arm's (measured: 421 s against 460 s on two CPU cores).
 The detection data set is prepared before either arm starts (both use it). The result is
 a table of times and AP and a figure of AP against time since each arm's start, so
 the arms are compared at equal total time.
+
+A workflow above the tasks (it drives the classification task, then the detection task),
+so it lives in ``workflows/``, not in either task.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from classification import CLASSIFICATION, train_classifier
-from .config import apply_overrides, load_config
 from classification.data import generate_shapes_classification
-from engine.roots import prepare_data_root
-from .training import train
+from detection.config import apply_overrides, load_config
+from detection.training import train
 from engine.logs import log_to_file
+from engine.roots import prepare_data_root
 
 __all__ = ["ARMS", "SCRATCH_SET", "plot_transfer", "run_transfer_demo"]
 
