@@ -258,7 +258,7 @@ def test_files_tell_segmenters_from_detectors(deployed):
 
 
 def test_seg_benchmark_rows_at_the_smallest_size(tmp_path, monkeypatch):
-    from deploy import benchmark
+    from deploy.benchmark import segmenters as benchmark
 
     # One exported model (the full run also exports Semantic FPN R18): the rows are made the same way for each.
     assert ("deeplabv3", 18, 8) in benchmark._SEG_EXPORTED

@@ -9,7 +9,7 @@ import cv2
 import pytest
 import torch
 
-from deploy.video_benchmark import STAGES, torchvision_twin, video_model, write_clip
+from deploy.benchmark.video import STAGES, torchvision_twin, video_model, write_clip
 from detection import build_detector, save_detector
 from helpers import load_tool, one_error_line
 
@@ -73,7 +73,7 @@ def test_the_torchvision_twin_gives_our_detections_and_refuses_widths_it_cannot_
 def test_video_rows_have_end_to_end_and_stage_times_for_every_runtime(tmp_path: Path, checkpoint: Path) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    from deploy.video_benchmark import _candidates
+    from deploy.benchmark.video import _candidates
 
     files = {"fp32": "m.onnx", "int8": "m_int8.onnx"}
     assert list(_candidates("m.pth", files)) == [

@@ -1,4 +1,4 @@
-"""Micro-benchmark: torchvision's CPU RoIAlign against ``detection.ops`` at detector shapes (``deploy.benchmark.bench_roi_align``).
+"""Micro-benchmark: torchvision's CPU RoIAlign against ``detection.ops`` at detector shapes (``deploy.benchmark.roi_align``).
 
 Each case times forward, and forward + backward w.r.t. the features, for both
 implementations interleaved in the same loop (so load from other processes hits both

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from deploy.benchmark import bench_backbones, bench_coco_eval, bench_detectors, bench_segmenters, bench_training, format_table, plot
-from deploy.video_benchmark import bench_video, format_video_table
+from deploy.benchmark.video import bench_video, format_video_table
 from engine.cli import fail, run_tool
 
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="backbone: trunk + FPN; detector / seg: inference, each candidate in its own process; heavy: detector inference "
                         "where post-processing is the work (score threshold 0, NMS 1.0: 90,000 candidates); train: detector steps; eval: "
                         "COCOeval; video (not in the default): frames/s end to end and per stage of the --checkpoints detector files on a "
-                        "shapes clip (deploy.video_benchmark). Default: all but video")
+                        "shapes clip (deploy.benchmark.video). Default: all but video")
     p.add_argument("--proposals", type=int, metavar="N",
                    help="detector rows: proposals per image (rpn_post_nms_top_n_test) for every candidate, instead of 1000")
     p.add_argument("--checkpoints", nargs="+", default=[], metavar="PATH",
