@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.benchmark import tradeoff
+
 from helpers import load_tool, one_error_line
 
 tool = load_tool("plot_tradeoff")
@@ -35,10 +37,10 @@ def files(tmp_path: Path) -> dict[str, str]:
 
 
 def test_points_take_each_rows_ratio_and_the_int8_ap_only_where_measured(files):
-    speedups = tool.read_speedups([files["old"], files["new"]])
+    speedups = tradeoff.read_speedups([files["old"], files["new"]])
     assert speedups["full"] == 3.5  # the later file wins
     assert "big" not in speedups  # only detector rows
-    lines = tool.tradeoff_points(speedups, [["unpruned", "full", files["full"], files["full8"]], ["0.5", "half", files["half"]]],
+    lines = tradeoff.tradeoff_points(speedups, [["unpruned", "full", files["full"], files["full8"]], ["0.5", "half", files["half"]]],
                                  ["eager", "ONNX Runtime int8", "OpenVINO int8"])
     assert lines["eager"] == [("unpruned", 3.5, 32.0), ("0.5", 9.0, 44.5)]
     # the pruned file has no int8 AP: no int8 point for it rather than its fp32 AP
@@ -47,11 +49,11 @@ def test_points_take_each_rows_ratio_and_the_int8_ap_only_where_measured(files):
 
 
 def test_onnx_runtime_lines_take_the_int8_files_own_ap_there_and_lines_run_by_speed(files, tmp_path):
-    speedups = tool.read_speedups([files["old"], files["new"]])
+    speedups = tradeoff.read_speedups([files["old"], files["new"]])
     ort8 = _metrics(tmp_path / "full8_ort.json", 31.9)
     half8 = _metrics(tmp_path / "half8.json", 44.0)
     # the faster point first on the command line: each line still runs from slow to fast
-    lines = tool.tradeoff_points(speedups, [["0.5", "half", files["half"], half8], ["unpruned", "full", files["full"], files["full8"], ort8]],
+    lines = tradeoff.tradeoff_points(speedups, [["0.5", "half", files["half"], half8], ["unpruned", "full", files["full"], files["full8"], ort8]],
                                  ["eager", "ONNX Runtime int8", "OpenVINO int8"])
     assert lines["eager"] == [("unpruned", 3.5, 32.0), ("0.5", 9.0, 44.5)]
     assert lines["OpenVINO int8"] == [("unpruned", 10.0, 31.5), ("0.5", 14.0, 44.0)]

@@ -9,6 +9,7 @@
 ``roi_align``    our CPU RoIAlign against torchvision's
 ``coco_eval``    pycocotools against faster-coco-eval
 ``report``       the rows as a table and a picture
+``tradeoff``     AP against speed-up over torchvision eager (``tools/plot_tradeoff.py``)
 ==============  ============================================================
 
 
