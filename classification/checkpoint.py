@@ -17,6 +17,7 @@ Both are written atomically and read with ``torch.load(..., weights_only=True)``
 from __future__ import annotations
 
 import os
+from functools import partial
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -123,15 +124,5 @@ def load_classifier(checkpoint: str | os.PathLike | Mapping[str, Any], *, device
     return model.to(device).eval()
 
 
-def read_classifier_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a classification ``checkpoint.pth`` for ``--resume`` (``engine.runner.read_training_state`` with the classifier's keys).
-
-    Args:
-        path: the training state file.
-
-    Raises:
-        WeightsError: the file is missing.
-        FileFormatError: its bytes are not a torch checkpoint.
-        CheckpointError: it is readable but not a classifier training state.
-    """
-    return read_training_state(path, model_keys=CLASSIFIER_KEYS + ("model_ema",), what=TRAINING_STATE_FILE)
+#: Read a classification ``checkpoint.pth`` for ``--resume``: ``engine.runner.read_training_state`` with the classifier's keys.
+read_classifier_training_state = partial(read_training_state, model_keys=CLASSIFIER_KEYS + ("model_ema",), what=TRAINING_STATE_FILE)

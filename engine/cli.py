@@ -36,7 +36,7 @@ from .logs import setup_logging
 from .runner import NonFiniteLossError
 
 __all__ = [
-    "DEVICES", "DTYPES", "USER_ERRORS", "add_train_flags", "fail", "init_device", "parse_dtype", "recipe_table", "removed_on_failure",
+    "DEVICES", "DTYPES", "USER_ERRORS", "add_train_flags", "fail", "init_device", "parse_dtype", "recipe_table", "training_summary", "removed_on_failure",
     "run_tool", "train_overrides",
 ]
 
@@ -199,3 +199,17 @@ def recipe_table(kind: str) -> str:
         kind: ``"detection"``, ``"classification"`` or ``"segmentation"``.
     """
     return "\n".join(f"{recipe['name']:<34} {recipe['description']}" for recipe in list_recipes(kind))
+
+
+def training_summary(result: dict[str, Any], cfg: dict[str, Any], metrics_line: str | None) -> str | None:
+    """What a training tool prints at the end, on rank 0 only (``None`` elsewhere): length, time, outputs, metrics.
+
+    Args:
+        result: a task's ``train`` result (``iteration``, ``seconds``).
+        cfg: the run's config (``output_dir``).
+        metrics_line: the task's one-line metrics, or ``None``.
+    """
+    if not dist_utils.is_main_process():
+        return None
+    lines = [f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}"]
+    return "\n".join(lines + ([metrics_line] if metrics_line else []))

@@ -17,6 +17,13 @@ def _no_console_handler_left_behind():
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private data cache (``RESFPN_CACHE``) for this test: generated sets land in its tmp_path."""
+    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def one_thread():
     """One intra-op thread: faster for tiny tensors, and it does not fight other processes for the cores."""
     threads = torch.get_num_threads()

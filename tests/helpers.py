@@ -169,3 +169,15 @@ def random_statistics(model: nn.Module, seed: int = 0, *, affine: bool = False) 
                     m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.4 + 0.6)
                     m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
     return model
+
+
+def json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a ``*.jsonl`` file, one a line."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def records(out: Path) -> list[dict]:
+    """A run folder's ``metrics.jsonl`` records."""
+    return json_lines(Path(out) / "metrics.jsonl")

@@ -29,7 +29,7 @@ from classification import (
 from detection.config import ConfigError, apply_overrides, load_config
 from classification.data import ImageFolder, ImageFolderError, build_cls_transform, generate_shapes_classification
 from engine.runner import build_optimizer
-from helpers import REPO, load_tool, one_error_line, run_tool, tool_env
+from helpers import REPO, load_tool, one_error_line, records, run_tool, tool_env
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -66,10 +66,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     return run_tool(args, env=_env(tmp_path), timeout=timeout)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +233,12 @@ def test_a_few_iterations_write_every_output(tmp_path):
     assert result["iteration"] == 3 and result["classes"] == list(CLASSES)
     for name in ("config.yaml", "log.txt", "metrics.jsonl", "checkpoint.pth", "model_final.pth", "metrics.json", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    records = _records(out)
-    train_recs = [r for r in records if "loss" in r]
+    recs = records(out)
+    train_recs = [r for r in recs if "loss" in r]
     assert [r["iter"] for r in train_recs] == [1, 2, 3] and all(r["loss"] > 0 and r["lr"] > 0 for r in train_recs)
-    assert {"val/top1", "val/top5", "val/loss"} <= set(records[-1]) and 0 <= records[-1]["val/top1"] <= 100
-    assert records[-1]["val/top5"] == 100.0  # 3 classes
-    assert json.loads((out / "metrics.json").read_text()) == {k: v for k, v in records[-1].items() if "/" in k}
+    assert {"val/top1", "val/top5", "val/loss"} <= set(recs[-1]) and 0 <= recs[-1]["val/top1"] <= 100
+    assert recs[-1]["val/top5"] == 100.0  # 3 classes
+    assert json.loads((out / "metrics.json").read_text()) == {k: v for k, v in recs[-1].items() if "/" in k}
     ckpt = read_classifier_training_state(out / "checkpoint.pth")
     assert ckpt["iteration"] == 3 and ckpt["classes"] == list(CLASSES) and ckpt["arch"] == "resnet18" and ckpt["model_ema"] == {}
     assert "training a resnet18 classifier" in (out / "log.txt").read_text()
@@ -256,10 +252,10 @@ def test_resume_runs_the_epoch_end_evaluation_a_stop_cut_short(tmp_path):
     per_epoch = 18 // 4
     train_classifier(_cfg(root, tmp_path / "run", "eval_period=1", f"max_iters={per_epoch}"), progress=False)
     # Stopped during the evaluation after the first epoch's checkpoint: its record was never written.
-    kept = [r for r in _records(tmp_path / "run") if "val/top1" not in r]
+    kept = [r for r in records(tmp_path / "run") if "val/top1" not in r]
     (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     train_classifier(_cfg(root, tmp_path / "run", "eval_period=1"), resume=True, progress=False)
-    assert [r["iter"] for r in _records(tmp_path / "run") if "val/top1" in r] == [per_epoch, 2 * per_epoch]
+    assert [r["iter"] for r in records(tmp_path / "run") if "val/top1" in r] == [per_epoch, 2 * per_epoch]
     assert "did not finish before the run stopped" in (tmp_path / "run" / "log.txt").read_text()
 
 

@@ -15,6 +15,7 @@ from detection.training import TASK
 from engine import runner
 from detection.checkpoint import read_checkpoint, read_training_state
 from detection.config import apply_overrides, load_config
+from helpers import records
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -26,16 +27,6 @@ TINY = [
 def _cfg(out: Path, *extra: str) -> dict:
     cfg = load_config(REPO / "configs" / "shapes_faster_rcnn_r18_fpn.yaml")
     return apply_overrides(cfg, [*TINY, *extra], output_dir=str(out), device="cpu")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_setup_run_resolves_auto_device_and_records_it(tmp_path):
@@ -75,9 +66,9 @@ def test_train_one_epoch_advances_logs_and_checkpoints(tmp_path, cache):
     metrics = runner.MetricsLog(run)
     runner.train_one_epoch(TASK, state, data, 0, run, metrics)
     assert state.iteration == 3  # stopped by max_iters inside the epoch
-    records = _records(run.out)
-    assert [r["iter"] for r in records] == [1, 2, 3] and all(r["epoch"] == 0 for r in records)
-    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in records)
+    recs = records(run.out)
+    assert [r["iter"] for r in recs] == [1, 2, 3] and all(r["epoch"] == 0 for r in recs)
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in recs)
     assert read_training_state(run.out / "checkpoint.pth")["iteration"] == 2
 
 
@@ -129,23 +120,23 @@ def test_resume_runs_an_epoch_end_evaluation_the_stop_cut_short_once(tmp_path, c
     assert runner.eval_due(probe.cfg, per_epoch, per_epoch, 2 * per_epoch) and not runner.eval_due(probe.cfg, per_epoch - 1, per_epoch, 2 * per_epoch)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     # "a": stopped during the evaluation after the epoch's checkpoint (its record never written).
-    kept = [r for r in _records(tmp_path / "a") if "bbox/AP" not in r]
+    kept = [r for r in records(tmp_path / "a") if "bbox/AP" not in r]
     (tmp_path / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     for run in ("a", "b"):
         training.train(_cfg(tmp_path / run, *flags), resume=True, progress=False)
-        evals = [r["iter"] for r in _records(tmp_path / run) if "bbox/AP" in r]
+        evals = [r["iter"] for r in records(tmp_path / run) if "bbox/AP" in r]
         assert evals == [per_epoch, 2 * per_epoch], (run, evals)
     assert "did not finish before the run stopped" in (tmp_path / "a" / "log.txt").read_text()
     assert "did not finish before the run stopped" not in (tmp_path / "b" / "log.txt").read_text()
 
 
-def test_a_fresh_run_in_a_used_folder_starts_its_own_records(tmp_path):
+def test_a_fresh_run_in_a_used_folder_starts_its_ownrecords(tmp_path):
     run = runner.setup_run(_cfg(tmp_path / "run"), progress=False)
     old = [{"iter": i, "loss": 1.0} for i in (1, 2, 3)]
     for name in runner.RECORD_FILES:
         (run.out / name).write_text("".join(json.dumps(r) + "\n" for r in old))
     runner.MetricsLog(run, resumed_at=2).close()
-    assert [r["iter"] for r in _records(run.out)] == [1, 2]
+    assert [r["iter"] for r in records(run.out)] == [1, 2]
     runner.MetricsLog(run).close()
     assert not any((run.out / name).exists() for name in runner.RECORD_FILES)
 

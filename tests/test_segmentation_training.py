@@ -18,6 +18,7 @@ from segmentation import SHAPES_SEG_CLASSES, CocoSegmentation, load_segmenter, m
 from segmentation.checkpoint import read_segmenter_training_state, save_segmenter
 from segmentation.config import SEGMENTATION
 from segmentation.evaluation import evaluate_segmenter, seg_metrics
+from helpers import records
 from segmentation.training import TASK, SegmentationLoss, evaluation_dataset, preflight_seg, resolve_seg_data, train_segmenter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,16 +32,6 @@ TINY = [
 def _cfg(out: Path, *extra: str) -> dict:
     cfg = load_config("seg_shapes_semantic_fpn_r18", schema=SEGMENTATION)
     return apply_overrides(cfg, [*TINY, *extra], schema=SEGMENTATION, output_dir=str(out), device="cpu")
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESFPN_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +316,7 @@ def test_a_run_writes_its_model_records_curves_and_overlays(tmp_path, cache):
     result = train_segmenter(_cfg(tmp_path / "run", "epochs=2"), progress=False)
     out = tmp_path / "run"
     assert result["iteration"] == 8 and result["class_names"] == list(SHAPES_SEG_CLASSES)
-    evals = [r for r in _records(out) if "val/mIoU" in r]
+    evals = [r for r in records(out) if "val/mIoU" in r]
     assert [r["iter"] for r in evals] == [4, 8] and [r["epoch"] for r in evals] == [0, 1]
     assert all(0 <= r["val/mIoU"] <= 100 and 0 <= r["val/pixel_acc"] <= 100 for r in evals)
     assert set(json.loads((out / "metrics.json").read_text())) >= {"val/mIoU", "val/pixel_acc", "val/IoU/circle"}
@@ -348,8 +339,8 @@ def test_a_run_writes_its_model_records_curves_and_overlays(tmp_path, cache):
 def test_aux_loss_is_trained_and_logged(tmp_path, cache):
     train_segmenter(_cfg(tmp_path / "run", "model=fcn", "model_kwargs={head_channels: 16}", "aux_loss=true",
                          "output_stride=16", "max_iters=2", "eval_period=0", "num_vis=0"), progress=False)
-    records = [r for r in _records(tmp_path / "run") if "loss" in r]
-    assert all(r["loss"] == pytest.approx(r["loss_seg"] + r["loss_aux"], rel=1e-5) for r in records)
+    recs = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert all(r["loss"] == pytest.approx(r["loss_seg"] + r["loss_aux"], rel=1e-5) for r in recs)
     model = load_segmenter(tmp_path / "run" / "model_final.pth")
     assert model.aux_classifier is not None and model.build_args["output_stride"] == 16
 

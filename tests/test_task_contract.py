@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from engine import runner
+from helpers import json_lines
 from engine.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,10 +90,6 @@ def case(request, tmp_path, monkeypatch) -> Case:
     return CASES[request.param]
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_every_task_package_has_the_contracts_names(case):
     module = case.module
     missing = [name for name in CONTRACT if not hasattr(module, name)]
@@ -114,7 +111,7 @@ def test_resume_mid_epoch_sees_exactly_the_batches_and_rates_of_an_uninterrupted
     data.sampler.set_epoch(0)
     sampled = [list(map(int, b)) for b in data.batch_sampler][:per_epoch]
     assert total == 2 * per_epoch
-    assert [r["indices"] for r in _lines(tmp_path / "straight" / "batches.jsonl")[:per_epoch]] == sampled
+    assert [r["indices"] for r in json_lines(tmp_path / "straight" / "batches.jsonl")[:per_epoch]] == sampled
     stop = max(per_epoch // 2, 1)  # inside the first epoch
     module.train(case.cfg(tmp_path, tmp_path / "resumed", *flags, f"max_iters={stop}"), progress=False)
     state = module.TASK.read_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
@@ -124,14 +121,14 @@ def test_resume_mid_epoch_sees_exactly_the_batches_and_rates_of_an_uninterrupted
         with open(tmp_path / "resumed" / name, "a") as f:
             f.write(json.dumps({"iter": stop + 1, **extra}) + "\n" + '{"iter": ')
     assert module.train(case.cfg(tmp_path, tmp_path / "resumed", *flags), resume=True, progress=False)["iteration"] == total
-    seen, expected = _lines(tmp_path / "resumed" / "batches.jsonl"), _lines(tmp_path / "straight" / "batches.jsonl")
+    seen, expected = json_lines(tmp_path / "resumed" / "batches.jsonl"), json_lines(tmp_path / "straight" / "batches.jsonl")
     assert [r["iter"] for r in seen] == list(range(1, total + 1)) and seen == expected
     first_epoch = [i for r in seen[:per_epoch] for i in r["indices"]]
     assert len(first_epoch) == len(set(first_epoch))  # no sample twice in the resumed epoch
-    steps = [r["iter"] for r in _lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r]
+    steps = [r["iter"] for r in json_lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r]
     assert steps == sorted(set(steps))  # the records past the checkpoint were dropped, not kept beside the redone ones
-    rates = {r["iter"]: r["lr"] for r in _lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r}
-    assert rates == pytest.approx({r["iter"]: r["lr"] for r in _lines(tmp_path / "straight" / "metrics.jsonl") if "lr" in r})
+    rates = {r["iter"]: r["lr"] for r in json_lines(tmp_path / "resumed" / "metrics.jsonl") if "lr" in r}
+    assert rates == pytest.approx({r["iter"]: r["lr"] for r in json_lines(tmp_path / "straight" / "metrics.jsonl") if "lr" in r})
     assert "resumed from" in (tmp_path / "resumed" / "log.txt").read_text()
 
 

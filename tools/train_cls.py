@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides
+from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides, training_summary
 from engine.config import apply_overrides, load_config
 from backbones.resnet import BACKBONES
 
@@ -50,13 +50,12 @@ def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
 
 def _train(checked: tuple[dict, argparse.Namespace]) -> int:
     from classification import train
-    from engine import distributed as dist_utils
 
     cfg, args = checked
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if dist_utils.is_main_process():
-        print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
-        print("  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if "top" in k))
+    summary = training_summary(result, cfg, "  ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if "top" in k))
+    if summary:
+        print(summary)
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides
+from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides, training_summary
 from detection.config import apply_overrides, default_recipe, load_config
 from detection.models import ARCHS, BACKBONES
 
@@ -58,14 +58,12 @@ def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
 def _train(checked: tuple[dict, argparse.Namespace]) -> int:
     from detection.evaluation import format_metrics
     from detection.training import train
-    from engine import distributed as dist_utils
 
     cfg, args = checked
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if dist_utils.is_main_process():
-        print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
-        if result["metrics"]:
-            print(format_metrics(result["metrics"]))
+    summary = training_summary(result, cfg, format_metrics(result["metrics"]) if result["metrics"] else None)
+    if summary:
+        print(summary)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides
+from engine.cli import add_train_flags, recipe_table, run_tool, train_overrides, training_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def work(args: argparse.Namespace) -> int:
-    from engine import distributed as dist_utils
     from engine.config import apply_overrides, load_config
     from segmentation.config import SEGMENTATION, default_seg_recipe
     from segmentation.evaluation import format_seg_metrics
@@ -55,9 +54,9 @@ def work(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, args.set, schema=SEGMENTATION, **train_overrides(args, *own))
     cfg = preflight_seg(cfg, resume=args.resume)  # every user error before the output folder is made
     result = train_segmenter(cfg, resume=args.resume, progress=not args.no_progress)
-    if dist_utils.is_main_process():
-        print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
-        print(format_seg_metrics(result["metrics"]))
+    summary = training_summary(result, cfg, format_seg_metrics(result["metrics"]))
+    if summary:
+        print(summary)
     return 0
 
 
