@@ -181,3 +181,18 @@ def json_lines(path: Path) -> list[dict]:
 def records(out: Path) -> list[dict]:
     """A run folder's ``metrics.jsonl`` records."""
     return json_lines(Path(out) / "metrics.jsonl")
+
+
+def small_detector(arch: str, depth: int = 18) -> nn.Module:
+    """A small random detector in eval mode, deterministic per depth: 4 classes, 96-128 px, 64-channel pyramid,
+    every box kept (score threshold 0) and at most 20 detections; BatchNorm statistics random (``random_statistics``)."""
+    from detection import build_detector
+
+    torch.manual_seed(depth)
+    kwargs = dict(num_classes=4, min_size=96, max_size=128, out_channels=64)
+    if arch in ("faster_rcnn", "mask_rcnn"):
+        kwargs.update(representation_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=40,
+                      box_score_thresh=0.0, box_detections_per_img=20)
+    else:
+        kwargs.update(score_thresh=0.0, detections_per_img=20, topk_candidates=50)
+    return random_statistics(build_detector(arch, backbone=f"resnet{depth}", **kwargs)).eval()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from detection import ARCHS, build_detector, save_detector
+from detection import ARCHS, save_detector
 from deploy.export import (
     ExportError,
     calibration_images,
@@ -24,7 +24,7 @@ from deploy.export import (
 )
 from deploy.fast import match_detections
 from deploy.runtime import RuntimeUnavailableError, load_exported
-from helpers import random_statistics, run_tool
+from helpers import run_tool, small_detector
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -33,14 +33,7 @@ MAPPING = {"cat_ids": [3, 7, 9], "names": ["circle", "square", "star"]}
 
 
 def _small_detector(arch: str, depth: int = 18) -> nn.Module:
-    torch.manual_seed(depth)
-    kwargs = dict(num_classes=4, min_size=96, max_size=128, out_channels=64)
-    if arch in ("faster_rcnn", "mask_rcnn"):
-        kwargs.update(representation_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=40,
-                      box_score_thresh=0.0, box_detections_per_img=20)
-    else:
-        kwargs.update(score_thresh=0.0, detections_per_img=20, topk_candidates=50)
-    model = random_statistics(build_detector(arch, backbone=f"resnet{depth}", **kwargs)).eval()
+    model = small_detector(arch, depth)
     if arch in ("retinanet", "fcos"):
         # Their heads start at a 0.01 prior for every class, so random scores tie; spread them out.
         g = torch.Generator().manual_seed(1)

@@ -8,8 +8,8 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from backbones import resnet, resnet_fpn
-from detection import ARCHS, build_detector
-from helpers import random_statistics
+from detection import ARCHS
+from helpers import random_statistics, small_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore:RCNN always returns a \\(Losses, Detections\\) tuple in scripting")
 
@@ -59,15 +59,7 @@ def test_pyramid_scripts(depth, extra_blocks):
     assert model.strides == {f.name: f.stride for f in model.feature_info}
 
 
-def _small_detector(arch: str, depth: int) -> nn.Module:
-    torch.manual_seed(depth)
-    kwargs = dict(num_classes=4, min_size=96, max_size=128, out_channels=64)
-    if arch in ("faster_rcnn", "mask_rcnn"):
-        kwargs.update(representation_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=40,
-                      box_score_thresh=0.0, box_detections_per_img=20)
-    else:
-        kwargs.update(score_thresh=0.0, detections_per_img=20, topk_candidates=50)
-    return random_statistics(build_detector(arch, backbone=f"resnet{depth}", **kwargs)).eval()
+_small_detector = small_detector
 
 
 # Every architecture once; ResNet-34 is the same classes as ResNet-18 to the compiler, so one case of it suffices.
