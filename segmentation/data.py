@@ -485,6 +485,43 @@ class CocoSegmentation(_SegmentationDataset):
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, classes={self.num_classes})"
 
 
+def scan_mask_labels(
+    root: str | os.PathLike[str], split: str, *, max_masks: int = 200, ignore_index: int = IGNORE_INDEX,
+) -> tuple[set[int], int]:
+    """The labels (other than ``ignore_index``) that a VOC-layout split's masks use, from a bounded sample.
+
+    Up to ``max_masks`` masks spread evenly over the split list are read (palette or
+    grayscale PNGs; others are the data set's to report), so the scan takes about a second
+    whatever the split's size.
+
+    Args:
+        root: the VOC-layout folder.
+        split: a list in ``ImageSets/Segmentation``.
+        max_masks: most masks read.
+        ignore_index: the label that does not count.
+
+    Returns:
+        ``(labels found, masks read)``.
+    """
+    root = Path(root)
+    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    step = max(1, -(-len(ids) // max(1, max_masks)))
+    labels: set[int] = set()
+    read = 0
+    for image_id in ids[::step][:max_masks]:
+        try:
+            with Image.open(root / "SegmentationClass" / f"{image_id}.png") as png:
+                if png.mode not in _LABEL_MODES:
+                    continue
+                labels.update(int(v) for v in np.unique(np.asarray(png)))
+                read += 1
+        except Exception:  # noqa: BLE001  (a missing or unreadable mask: the data set warns about it, naming the file)
+            continue
+    labels.discard(ignore_index)
+    return labels, read
+
+
 # Image files a VOC-layout folder may hold (any case); VOC itself has .jpg only.
 VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
