@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
     from detection.training import preflight
 
-    cfg = load_config(args.config or default_recipe(args.model, args.data_path))
+    recipe = args.config or default_recipe(args.model, args.data_path)
+    cfg = load_config(recipe)
     cfg = apply_overrides(
         cfg, args.set, backbone=args.backbone, model=args.model, data_path=args.data_path,
         train_split=args.train_split, val_split=args.val_split, output_dir=args.output_dir,
@@ -72,7 +73,14 @@ def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
         init_checkpoint=args.init_checkpoint,
         augment=args.augment, workers=args.workers, eval_period=args.eval_period, seed=args.seed,
     )
-    return preflight(cfg, resume=args.resume), args  # every input checked before any work
+    cfg = preflight(cfg, resume=args.resume)  # every input checked before any work
+    from engine import distributed as dist_utils
+    from engine.recipes import recipe_notice
+
+    if dist_utils.is_main_process():
+        line, warning = recipe_notice(recipe, cfg, cpu_recipe="faster_rcnn_r18_fpn_cpu", defaults="the COCO 1x schedule at 800 px")
+        print(line + (f"\nwarning: {warning}" if warning else ""))
+    return cfg, args
 
 
 def _train(checked: tuple[dict, argparse.Namespace]) -> int:

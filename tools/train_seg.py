@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def work(args: argparse.Namespace) -> int:
     from engine import distributed as dist_utils
     from engine.config import apply_overrides, list_recipes, load_config
-    from segmentation.config import SEGMENTATION, default_seg_recipe
+    from engine.recipes import recipe_notice
+    from segmentation.config import CPU_SEG_RECIPE, SEGMENTATION, default_seg_recipe
     from segmentation.evaluation import format_seg_metrics
     from segmentation.training import preflight_seg, train_segmenter
 
@@ -60,7 +61,8 @@ def work(args: argparse.Namespace) -> int:
         for recipe in list_recipes("segmentation"):
             print(f"{recipe['name']:<34} {recipe['description']}")
         return 0
-    cfg = load_config(args.config or default_seg_recipe(args.data_path), schema=SEGMENTATION)
+    recipe = args.config or default_seg_recipe(args.data_path)
+    cfg = load_config(recipe, schema=SEGMENTATION)
     if args.model is not None and args.model != cfg["model"] and cfg["model_kwargs"]:
         # The recipe's head options were chosen for its own architecture; --set model_kwargs.X=V still applies.
         print(f"--model {args.model}: the recipe's {cfg['model']} head options {cfg['model_kwargs']} are not used")
@@ -73,6 +75,9 @@ def work(args: argparse.Namespace) -> int:
         eval_period=args.eval_period, seed=args.seed,
     )
     cfg = preflight_seg(cfg, resume=args.resume)  # every user error before the output folder is made
+    if dist_utils.is_main_process():
+        line, warning = recipe_notice(recipe, cfg, cpu_recipe=CPU_SEG_RECIPE, defaults="torchvision's reference settings")
+        print(line + (f"\nwarning: {warning}" if warning else ""))
     result = train_segmenter(cfg, resume=args.resume, progress=not args.no_progress)
     if dist_utils.is_main_process():
         print(f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}")
