@@ -36,6 +36,7 @@ moment leaves the previous file or the new one, never a mix.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -58,11 +59,15 @@ __all__ = [
     "DETECTOR_KEYS",
     "EXPORTED_RUNTIMES",
     "KINDS",
+    "KIND_DESCRIPTIONS",
+    "KIND_TASKS",
     "NMS_WITHOUT_BRANCH",
+    "OPENVINO_PRECISIONS",
     "RUNTIMES",
     "TRAINING_KEYS",
     "FileFormatError",
     "FileInfo",
+    "add_runtime_args",
     "decode_metadata",
     "identify",
     "is_exported",
@@ -79,6 +84,7 @@ KINDS = ("training_state", "detector", "classifier_training_state", "classifier"
 TASKS = ("detection", "segmentation")
 RUNTIMES = ("torch", "onnxruntime", "openvino", "torchscript")
 EXPORTED_RUNTIMES = ("onnxruntime", "openvino", "torchscript")
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 _RUNTIMES_OF = {"torch": ("torch",), "onnx": ("onnxruntime", "openvino"), "torchscript": ("torchscript",)}
 _DESCRIBED = {
     "torch": "a PyTorch checkpoint (model_final.pth / checkpoint.pth from tools/train_det.py or tools/train_seg.py)",
@@ -91,6 +97,20 @@ _KEYED_KINDS = (
     ("training_state", TRAINING_KEYS), ("detector", DETECTOR_KEYS),
     ("classifier_training_state", CLASSIFIER_TRAINING_KEYS), ("classifier", CLASSIFIER_KEYS),
 )
+# What each kind is, in a user's words (messages name these, never the constant).
+KIND_DESCRIPTIONS = {
+    "training_state": "a detector's training state (checkpoint.pth from tools/train_det.py)",
+    "detector": "a detector (model_final.pth from tools/train_det.py, or tools/prune.py's file)",
+    "classifier_training_state": "a classifier's training state (checkpoint.pth from tools/train_cls.py)",
+    "classifier": "a classifier (model_final.pth from tools/train_cls.py; a trunk for --weights-backbone)",
+    "segmenter_training_state": "a segmenter's training state (checkpoint.pth from tools/train_seg.py)",
+    "segmenter": "a segmenter (model_final.pth from tools/train_seg.py)",
+    "state_dict": "bare weights (a state dict, such as torchvision's ImageNet files; a trunk for --weights-backbone)",
+    "onnx": "an exported ONNX file (tools/export.py)",
+    "torchscript": "an exported TorchScript file (tools/export.py --format torchscript)",
+}
+# The task a model file runs as (trunk weights and classifiers run as neither).
+KIND_TASKS = {"training_state": "detection", "detector": "detection", "segmenter_training_state": "segmentation", "segmenter": "segmentation"}
 _KIND_RUNTIMES = {"training_state": ("torch",), "detector": ("torch",), "segmenter_training_state": ("torch",), "segmenter": ("torch",),
                   "onnx": _RUNTIMES_OF["onnx"], "torchscript": ("torchscript",)}
 _TORCHSCRIPT_METADATA = "extra/resfpn.json"
@@ -242,7 +262,8 @@ def identify(path: str | os.PathLike) -> FileInfo:
     kind = kind_of(obj)
     if kind is None:
         found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise FileFormatError(f"{path} is a torch file but not one this project reads (found {found}): see deploy.files.KINDS")
+        raise FileFormatError(f"{path} is a torch file but not one this project reads (found keys {found}); it reads "
+                              "detectors, segmenters and classifiers written by tools/train_*.py, and state dicts of a ResNet trunk")
     return FileInfo(path, kind, container)
 
 
@@ -298,6 +319,18 @@ def check_exported_flags(path: str | os.PathLike, *, device: str | None, test_op
     if test_options:
         raise ValueError(f"{path} is an exported file, whose proposal counts and candidate cap were baked in at export: "
                          f"export it again with these flags (tools/export.py --proposals N ...), or {use} the .pth checkpoint")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--runtime`` and ``--precision``, the flags every tool that runs a model file shares (infer, eval).
+
+    Args:
+        parser: the tool's parser.
+    """
+    parser.add_argument("--runtime", choices=list(RUNTIMES),
+                        help="default from the file's bytes: torch for checkpoints, onnxruntime for ONNX, torchscript for TorchScript")
+    parser.add_argument("--precision", choices=list(OPENVINO_PRECISIONS),
+                        help="--runtime openvino: what is not int8 runs in this precision (default fp32)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
-"""Run a trained detector on pictures: paths, PIL images or numpy arrays in; pixels, names and ids out.
+"""Open any model file the project writes (``open_model``), and run a trained detector on pictures.
 
-One call for every way a model ships: a PyTorch checkpoint (``model_final.pth``), the
+``open_model`` is the one place that decides, for every task, whether a path is a PyTorch
+checkpoint or an exported file and which task's model it holds; ``open_predictor`` gives the
+task's predictor for it (``Predictor`` for detectors, ``SegmentationPredictor`` for segmenters).
+
+``Predictor``: paths, PIL images or numpy arrays in; pixels, names and ids out. One call for every way a model ships: a PyTorch checkpoint (``model_final.pth``), the
 same model on the fast inference path, or an exported file run by ONNX Runtime or
 OpenVINO (``deploy.runtime``). The data set's category ids and names travel with the
 model, so users never map labels back by hand.
@@ -9,6 +13,7 @@ model, so users never map labels back by hand.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
@@ -23,11 +28,14 @@ import torch
 from torch import nn
 
 from detection.checkpoint import load_detector
+from engine.config import resolve_device
 from engine.images import image_to_tensor, read_image_rgb
-from .files import RUNTIMES, is_exported, resolve_runtime
+from .files import RUNTIMES, resolve_runtime
 from detection.models import has_masks
 
-__all__ = ["EXPORTED_SUFFIXES", "RUNTIMES", "Prediction", "Predictor", "as_image_tensor", "load_model"]
+__all__ = [
+    "EXPORTED_SUFFIXES", "RUNTIMES", "OpenedModel", "Prediction", "Predictor", "as_image_tensor", "load_model", "open_model", "open_predictor",
+]
 
 # Kept for callers that guess by name; what a file is comes from its bytes (deploy.files).
 EXPORTED_SUFFIXES = (".onnx",)
@@ -80,6 +88,131 @@ class Prediction:
         return out
 
 
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model file opened by :func:`open_model`: the model, what it is, where it runs.
+
+    Attributes:
+        model: a detector (``model(images) -> list of dicts``) or a segmenter
+            (``model(batch) -> {"out": logits}``), eager or exported, in eval mode.
+        task: ``"detection"`` or ``"segmentation"``.
+        runtime: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``.
+        device: where it runs (the CPU for exported files).
+        path: the file.
+    """
+
+    model: Any
+    task: str
+    runtime: str
+    device: torch.device
+    path: Path
+
+    @property
+    def exported(self) -> bool:
+        """Whether an exported file's runtime runs it (CPU only, precision fixed at export)."""
+        return self.runtime != "torch"
+
+    def moved_to(self, device: str | torch.device) -> "OpenedModel":
+        """The same model on ``device`` (a process's own GPU under torchrun); exported files stay on the CPU.
+
+        Args:
+            device: where the PyTorch model should run.
+        """
+        device = torch.device(device)
+        if self.exported:
+            if device.type != "cpu":
+                raise ValueError(f"{self.path} is an exported file, which runs on the CPU; got device {str(device)!r}")
+            return self
+        return dataclasses.replace(self, model=self.model.to(device), device=device)
+
+
+_TOOLS = {"detection": "score it with tools/eval_coco.py, draw it with tools/infer.py",
+          "segmentation": "score it with tools/eval_seg.py, draw it with tools/infer_seg.py"}
+_NOUNS = {"detection": "detector", "segmentation": "segmenter"}
+_TRAINED_BY = {"detection": "tools/train_det.py", "segmentation": "tools/train_seg.py", None: "tools/train_det.py or tools/train_seg.py"}
+
+
+def open_model(
+    source: str | os.PathLike,
+    *,
+    task: str | None = None,
+    runtime: str | None = None,
+    device: str | torch.device = "auto",
+    precision: str | None = None,
+) -> OpenedModel:
+    """Open any model file the project writes: the one place that decides checkpoint or exported file, detector or segmenter.
+
+    What a file is comes from its bytes (``deploy.files``), never its name: a detector or
+    segmenter checkpoint (``model_final.pth`` / ``checkpoint.pth``, pruned ones included)
+    is rebuilt in PyTorch; an exported ONNX or TorchScript file (``tools/export.py``, fp32
+    or int8) is run by its runtime on the CPU, behind the eager model's call.
+
+    Args:
+        source: the file.
+        task: ``"detection"`` or ``"segmentation"`` to refuse a file of the other task
+            (the message names the tools that take it); ``None``: either.
+        runtime: one of ``RUNTIMES``; default ``"torch"`` for checkpoints, ``"onnxruntime"``
+            for ONNX, ``"torchscript"`` for TorchScript.
+        device: ``"auto"`` (CUDA when available, the CPU for exported files), ``"cpu"`` or
+            ``"cuda"``.
+        precision: OpenVINO only: ``"fp32"`` (default) or ``"bf16"`` for what is not int8.
+
+    Returns:
+        An :class:`OpenedModel`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        FileFormatError: its bytes are no detector or segmenter file (junk, truncated, a
+            classifier, trunk weights), or a file of the other ``task``; names the file.
+        ValueError: an unknown runtime or task, a runtime that does not run this file, a
+            GPU for an exported file, or a ``precision`` without ``runtime="openvino"``.
+        RuntimeUnavailableError: the runtime is not installed.
+    """
+    from engine.files import CheckpointError, read_torch_file
+
+    from .files import KIND_DESCRIPTIONS, KIND_TASKS, TASKS, kind_of
+
+    path = Path(source)
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)} or None, got {task!r}")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found (a model_final.pth from tools/train_det.py or tools/train_seg.py, "
+                                "or a file from tools/export.py)")
+    runtime = resolve_runtime(path, runtime)  # a runtime that does not run these bytes: said before anything is read
+    if precision is not None and runtime != "openvino":
+        raise ValueError(f"precision={precision!r} is for exported files run with runtime='openvino' (--precision with --runtime openvino); "
+                         "a PyTorch checkpoint takes --fast --dtype (detectors) or --amp (eval_seg.py) instead")
+    if runtime != "torch":
+        if str(device) not in ("auto", "cpu"):
+            raise ValueError(f"exported files run on the CPU (ONNX Runtime / OpenVINO / TorchScript), got device {str(device)!r}: "
+                             "drop --device cuda, or use the .pth checkpoint")
+        from .runtime import ExportedSegmenter, load_exported
+
+        model = load_exported(path, runtime=runtime, precision=precision, task=task)
+        found = "segmentation" if isinstance(model, ExportedSegmenter) else "detection"
+        return OpenedModel(model, found, runtime, torch.device("cpu"), path)
+    device = resolve_device(device) if isinstance(device, str) else device  # "cuda" without CUDA: ConfigError
+    ckpt = read_torch_file(path)
+    kind = kind_of(ckpt)
+    found = KIND_TASKS.get(kind)
+    if found is None:
+        what = KIND_DESCRIPTIONS[kind] if kind else "no file this project reads"
+        wanted = f"a {_NOUNS[task]}" if task else "a detector or a segmenter"
+        raise CheckpointError(f"{path} is {what}, not {wanted}: pass model_final.pth / checkpoint.pth from "
+                              f"{_TRAINED_BY[task]}, or a file from tools/export.py")
+    if task is not None and found != task:
+        raise CheckpointError(f"{path} is a {_NOUNS[found]} file ({_TRAINED_BY[found]}), not a {_NOUNS[task]}: {_TOOLS[found]}")
+    if found == "detection":
+        model = load_detector(ckpt, device=device)
+    else:
+        from segmentation.checkpoint import load_segmenter  # here: segmentation imports albumentations, which detection tools need not pay for
+
+        model = load_segmenter(ckpt, device=device)
+    return OpenedModel(model, found, "torch", torch.device(device), path)
+
+
 def load_model(
     source: str | os.PathLike | nn.Module,
     *,
@@ -91,7 +224,7 @@ def load_model(
 ) -> Any:
     """Load a detector from a checkpoint or an exported file, ready to call like a torchvision detector.
 
-    What a file is comes from its bytes (``deploy.files``), not its name.
+    Files are opened by :func:`open_model` (with ``task="detection"``), as every tool does.
 
     Args:
         source: ``model_final.pth`` / ``checkpoint.pth``, an exported ONNX or TorchScript
@@ -110,30 +243,20 @@ def load_model(
 
     Raises:
         FileNotFoundError: no such file.
-        FileFormatError: its bytes are no model file (junk, truncated, ...); names the file.
+        FileFormatError: its bytes are no detector file (junk, truncated, a segmenter, ...); names the file.
         ValueError: a runtime that does not run this file, a GPU for an exported file, or a
             ``precision`` for a model that is not run by OpenVINO.
     """
-    if precision is not None and (isinstance(source, nn.Module) or runtime != "openvino"):
-        raise ValueError(f"precision={precision!r} is for exported files run with runtime='openvino'; "
-                         "a PyTorch model takes fast=True with a dtype instead")
     if isinstance(source, nn.Module):
+        if precision is not None:
+            raise ValueError(f"precision={precision!r} is for exported files run with runtime='openvino'; "
+                             "a PyTorch model takes fast=True with a dtype instead")
         model: Any = source.to(device).eval()
     else:
-        path = Path(source)
-        if runtime is not None and runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} not found (a model_final.pth from tools/train_det.py, or a file from tools/export.py)")
-        runtime = resolve_runtime(path, runtime)
-        if runtime != "torch":
-            if torch.device(device).type != "cpu":
-                raise ValueError(f"exported models run on the CPU here, got device {device!r}")
-            from .runtime import load_exported
-
-            return load_exported(path, runtime=runtime, precision=precision, task="detection")
-        _refuse_segmenter(path)
-        model = load_detector(path, device=device)
+        opened = open_model(source, task="detection", runtime=runtime, device=device, precision=precision)
+        if opened.exported:
+            return opened.model
+        model = opened.model
     if fast:
         from .fast import optimize_for_inference
 
@@ -147,15 +270,42 @@ def load_model(
     return model
 
 
-def _refuse_segmenter(path: Path) -> None:
-    """A segmenter file holds a detector file's keys (and class_names): say what it is rather than fail to rebuild it."""
-    from engine.files import CheckpointError, read_torch_file
+def open_predictor(
+    source: str | os.PathLike,
+    *,
+    task: str | None = None,
+    runtime: str | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    fast: bool = False,
+    dtype: torch.dtype | None = None,
+    score_thresh: float = 0.5,
+    resize: int | None = None,
+) -> Any:
+    """The predictor for any model file: a :class:`Predictor` for detectors, a ``SegmentationPredictor`` for segmenters.
 
-    from .files import kind_of
+    Args:
+        source: a checkpoint or an exported file (see :func:`open_model`).
+        task: ``"detection"`` or ``"segmentation"`` to refuse the other task's files.
+        runtime: see :func:`open_model`.
+        device: see :func:`open_model`.
+        precision: OpenVINO only: ``"fp32"`` or ``"bf16"``.
+        fast: detectors in PyTorch only: the fast inference path.
+        dtype: with ``fast``, the trunk's reduced precision.
+        score_thresh: detectors: detections below it are dropped.
+        resize: segmenters: run the model with the short side at this many pixels.
 
-    if kind_of(read_torch_file(path)) in ("segmenter", "segmenter_training_state"):
-        raise CheckpointError(f"{path} is a segmenter file (tools/train_seg.py), not a detector: score it with tools/eval_seg.py, "
-                              "draw it with tools/infer_seg.py")
+    Returns:
+        A ``Predictor`` or a ``segmentation.SegmentationPredictor``.
+    """
+    opened = open_model(source, task=task, runtime=runtime, device=device, precision=precision)
+    if opened.task == "detection":
+        return Predictor(opened, score_thresh=score_thresh, fast=fast, dtype=dtype)
+    if fast or dtype is not None:
+        raise ValueError("fast and dtype (--fast, --dtype) are for detectors; a segmenter checkpoint runs as trained (eval_seg.py: --amp)")
+    from segmentation.predict import SegmentationPredictor
+
+    return SegmentationPredictor(opened.model, device=str(opened.device), resize=resize)
 
 
 def as_image_tensor(image: ImageInput) -> torch.Tensor:
@@ -196,7 +346,7 @@ class Predictor:
     ...     ...
 
     Args:
-        model: a checkpoint, an exported file or a built model (see ``load_model``).
+        model: a checkpoint, an exported file, an :class:`OpenedModel` or a built model (see ``open_model``).
         runtime: ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (default from the file).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; exported files
             run on the CPU.
@@ -209,7 +359,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: str | os.PathLike | nn.Module,
+        model: str | os.PathLike | nn.Module | OpenedModel,
         *,
         runtime: str | None = None,
         device: str = "auto",
@@ -221,11 +371,18 @@ class Predictor:
     ) -> None:
         if not 0.0 <= score_thresh <= 1.0:
             raise ValueError(f"score_thresh must be in [0, 1], got {score_thresh}")
-        exported = not isinstance(model, nn.Module) and is_exported(model, runtime)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() and not exported else "cpu"
-        self.device = torch.device(device)
-        self.model = load_model(model, runtime=runtime, device=self.device, fast=fast, dtype=dtype, precision=precision)
+        if isinstance(model, nn.Module):
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = torch.device(device)
+            self.model = load_model(model, device=self.device, fast=fast, dtype=dtype, precision=precision)
+        else:
+            opened = model if isinstance(model, OpenedModel) else open_model(
+                model, task="detection", runtime=runtime, device=device, precision=precision)
+            if opened.task != "detection":
+                raise ValueError(f"{opened.path} is a {_NOUNS[opened.task]}: {_TOOLS[opened.task]} (in Python: deploy.open_predictor)")
+            self.device = opened.device
+            self.model = opened.model if opened.exported else load_model(opened.model, device=self.device, fast=fast, dtype=dtype)
         self.score_thresh = score_thresh
         self.mask_threshold = mask_threshold
         mapping = self.model.category_mapping or {}

@@ -32,7 +32,7 @@ from engine.config import (
 
 from .models import ARCHS, BACKBONES, OUTPUT_STRIDES, check_segmenter_options
 
-__all__ = ["DATA_FORMATS", "SEGMENTATION", "SHAPES_SEG_RECIPE", "default_seg_recipe"]
+__all__ = ["CPU_SEG_RECIPE", "DATA_FORMATS", "SEGMENTATION", "SHAPES_SEG_RECIPE", "default_seg_recipe"]
 
 DATA_FORMATS = ("auto", "coco", "voc")
 # Options with a key of their own; model_kwargs holds the head options (head_channels, atrous_rates, fpn_channels).
@@ -132,6 +132,7 @@ SEGMENTATION = RUN.extend(
 )
 
 SHAPES_SEG_RECIPE = "seg_shapes_semantic_fpn_r18"
+CPU_SEG_RECIPE = "seg_semantic_fpn_r18_cpu"  # one's own data on a CPU
 
 
 def default_seg_recipe(data_path: str | None) -> Path | None:

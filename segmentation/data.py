@@ -13,7 +13,7 @@ Layouts:
   category covers it (instances of one category are united), ``255`` when two or more
   categories overlap there (torchvision's references mark overlaps so) or a crowd
   region (``iscrowd=1``) covers it.
-- **VOC** (``VOCSegmentation``): ``ROOT/JPEGImages/<id>.jpg``,
+- **VOC** (``VOCSegmentation``): ``ROOT/JPEGImages/<id>.jpg`` (or ``.jpeg``, ``.png``, ``.bmp``, any case),
   ``ROOT/SegmentationClass/<id>.png`` (palette PNGs whose indices are the labels; VOC's
   255 object borders stay ignored) and ``ROOT/ImageSets/Segmentation/{split}.txt``.
 - **shapes**: ``make_shapes`` writes the detection shapes set (COCO layout) and
@@ -58,7 +58,7 @@ from engine.images import IMAGENET_MEAN, IMAGENET_STD, exif_orientation, image_t
 from engine.datasets import generate_atomically  # noqa: E402
 from engine.shapes import SHAPES_CLASSES  # noqa: E402
 from engine.shapes import generate as generate_shapes  # noqa: E402
-from engine.skips import SkippingDataset  # noqa: E402
+from engine.skips import SKIP_REASONS, SkippingDataset  # noqa: E402
 
 __all__ = [
     "BACKGROUND",
@@ -322,12 +322,12 @@ class _SegmentationDataset(SkippingDataset):
         try:
             return self._load(index)
         except _BadSample as exc:
-            self._mark_bad(index, str(exc))
+            self._mark_bad(index, str(exc), exc.reason)
             return None
 
-    def _mark_bad(self, index: int, reason: str) -> None:
-        self._bad[index] = True
-        logger.warning("skipping %s: %s", self._sample_path(index), reason)
+    def _mark_bad(self, index: int, message: str, reason: str = SKIP_REASONS[0]) -> None:
+        self._record_bad(index, reason)
+        logger.warning("skipping %s: %s (left out from now on)", self._sample_path(index), message)
 
     @property
     def skipped_files(self) -> list[str]:
@@ -351,7 +351,11 @@ class _SegmentationDataset(SkippingDataset):
 
 
 class _BadSample(Exception):
-    """A sample that cannot be used; the message says why."""
+    """A sample that cannot be used; the message says why, ``reason`` which kind of problem it is (``SKIP_REASONS``)."""
+
+    def __init__(self, message: str, reason: str = SKIP_REASONS[0]) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _read_image(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray:
@@ -365,7 +369,7 @@ def _read_image(path: Path, expected: tuple[int, int] | None = None) -> np.ndarr
         return read_image_rgb(path, exif_transpose=upright)
     # PIL raises many exception types for corrupt files; any failure to decode is bad input.
     except Exception as exc:  # noqa: BLE001
-        raise _BadSample(f"unreadable image ({type(exc).__name__}: {exc})") from None
+        raise _BadSample(f"unreadable image ({type(exc).__name__}: {exc})", "unreadable image") from None
 
 
 class CocoSegmentation(_SegmentationDataset):
@@ -457,7 +461,7 @@ class CocoSegmentation(_SegmentationDataset):
         expected = (info["height"], info["width"])
         image = _read_image(self._sample_path(index), expected)
         if image.shape[:2] != expected:
-            raise _BadSample(f"decoded size {image.shape[:2]} differs from (height, width) {expected} in {self.ann_file}")
+            raise _BadSample(f"decoded size {image.shape[:2]} differs from (height, width) {expected} in {self.ann_file}", "unreadable image")
         try:
             mask = coco_semantic_mask(self._anns[index], *expected, self.cat_id_to_label, ignore_index=self.ignore_index)
         except Exception as exc:  # noqa: BLE001  (pycocotools raises several types for malformed segmentations)
@@ -466,6 +470,77 @@ class CocoSegmentation(_SegmentationDataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, classes={self.num_classes})"
+
+
+def scan_mask_labels(
+    root: str | os.PathLike[str], split: str, *, max_masks: int = 200, ignore_index: int = IGNORE_INDEX,
+) -> tuple[set[int], int]:
+    """The labels (other than ``ignore_index``) that a VOC-layout split's masks use, from a bounded sample.
+
+    Up to ``max_masks`` masks spread evenly over the split list are read (palette or
+    grayscale PNGs; others are the data set's to report), so the scan takes about a second
+    whatever the split's size.
+
+    Args:
+        root: the VOC-layout folder.
+        split: a list in ``ImageSets/Segmentation``.
+        max_masks: most masks read.
+        ignore_index: the label that does not count.
+
+    Returns:
+        ``(labels found, masks read)``.
+    """
+    root = Path(root)
+    split_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    step = max(1, -(-len(ids) // max(1, max_masks)))
+    labels: set[int] = set()
+    read = 0
+    for image_id in ids[::step][:max_masks]:
+        try:
+            with Image.open(root / "SegmentationClass" / f"{image_id}.png") as png:
+                if png.mode not in _LABEL_MODES:
+                    continue
+                labels.update(int(v) for v in np.unique(np.asarray(png)))
+                read += 1
+        except Exception:  # noqa: BLE001  (a missing or unreadable mask: the data set warns about it, naming the file)
+            continue
+    labels.discard(ignore_index)
+    return labels, read
+
+
+# Image files a VOC-layout folder may hold (any case); VOC itself has .jpg only.
+VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _image_files_by_id(folder: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """``({id: image file}, {id: names of other files with that stem})`` of ``folder``, one listing for every id.
+
+    Where one id has several images (``a.jpg`` and ``a.png``), the first suffix of
+    ``VOC_IMAGE_SUFFIXES`` wins (then the name, for a stable choice).
+    """
+    images: dict[str, Path] = {}
+    others: dict[str, list[str]] = {}
+    rank = {suffix: i for i, suffix in enumerate(VOC_IMAGE_SUFFIXES)}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.is_file():
+            continue
+        stem, suffix = os.path.splitext(entry.name)
+        key = suffix.lower()
+        if key not in rank:
+            others.setdefault(stem, []).append(entry.name)
+        elif stem not in images or rank[key] < rank[images[stem].suffix.lower()]:
+            images[stem] = Path(entry.path)
+    return images, others
+
+
+def _why_missing(image_id: str, images: dict[str, Path], others: dict[str, list[str]], mask_dir: Path) -> str:
+    if image_id not in images:
+        if image_id in others:
+            return (f"{image_id}: found {', '.join(others[image_id])}, not an image file read here "
+                    f"({', '.join(VOC_IMAGE_SUFFIXES)}, any case)")
+        return f"{image_id}: no image"
+    return f"{image_id}: no mask {image_id}.png"
 
 
 class VOCSegmentation(_SegmentationDataset):
@@ -518,14 +593,17 @@ class VOCSegmentation(_SegmentationDataset):
         listed = [line.strip() for line in self.split_file.read_text().splitlines() if line.strip()]
         if not listed:
             raise ValueError(f"{self.split_file} lists no image ids")
-        present = [i for i in listed if (self.image_dir / f"{i}.jpg").is_file() and (self.mask_dir / f"{i}.png").is_file()]
+        images, others = _image_files_by_id(self.image_dir)
+        present = [i for i in listed if i in images and (self.mask_dir / f"{i}.png").is_file()]
         found = set(present)
         missing = [i for i in listed if i not in found]
         if not present:
-            raise FileNotFoundError(f"none of the {len(listed)} ids in {self.split_file} has both {self.image_dir}/<id>.jpg and {self.mask_dir}/<id>.png")
+            raise FileNotFoundError(f"none of the {len(listed)} ids in {self.split_file} has both an image {self.image_dir}/<id>"
+                                    f"{{{','.join(VOC_IMAGE_SUFFIXES)}}} and a mask {self.mask_dir}/<id>.png")
         if missing:
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            shown = ", ".join(_why_missing(i, images, others, self.mask_dir) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
             logger.warning("%s: left out %d of %d ids whose image or mask file is missing (%s)", self.split_file, len(missing), len(listed), shown)
+        self._image_files: dict[str, Path] = {i: images[i] for i in present}
         self.ids: list[str] = present
         self.num_missing = len(missing)
         self._init_skips(len(self.ids))
@@ -534,7 +612,7 @@ class VOCSegmentation(_SegmentationDataset):
         return len(self.ids)
 
     def _sample_path(self, index: int) -> Path:
-        return self.image_dir / f"{self.ids[index]}.jpg"
+        return self._image_files[self.ids[index]]
 
     def mask_path(self, index: int) -> Path:
         """The label PNG of sample ``index``."""
@@ -550,17 +628,18 @@ class VOCSegmentation(_SegmentationDataset):
             with Image.open(path) as png:
                 png.load()
                 if png.mode not in _LABEL_MODES:
-                    raise _BadSample(f"mask {path.name} is a {png.mode} image; a label mask is a palette (P) or grayscale PNG of class indices")
+                    raise _BadSample(f"mask {path.name} is a {png.mode} image; a label mask is a palette (P) or grayscale PNG of class indices",
+                                     "mask that is not a label image (RGB, ...)")
                 values = np.asarray(png)
         except _BadSample:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise _BadSample(f"unreadable mask {path} ({type(exc).__name__}: {exc})") from None
+            raise _BadSample(f"unreadable mask {path} ({type(exc).__name__}: {exc})", "unreadable mask") from None
         if values.shape != image.shape[:2]:
-            raise _BadSample(f"mask {path.name} is {values.shape} but the image is {image.shape[:2]}")
+            raise _BadSample(f"mask {path.name} is {values.shape} but the image is {image.shape[:2]}", "mask whose size differs from its image's")
         problem = _check_labels(values, self.num_classes, self.ignore_index)
         if problem:
-            raise _BadSample(f"mask {path.name}: {problem}")
+            raise _BadSample(f"mask {path.name}: {problem}", "mask with labels outside the configured classes")
         return image, values.astype(np.uint8)
 
     def __repr__(self) -> str:

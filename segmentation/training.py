@@ -41,6 +41,7 @@ from .data import (
     build_seg_transforms,
     collate_fn,
     denormalize,
+    scan_mask_labels,
 )
 from .evaluation import evaluate_segmenter, format_seg_metrics, seg_metrics
 from .models import BACKBONES, build_segmenter
@@ -365,6 +366,45 @@ class SegmentationTask(runner.Task):
 TASK = SegmentationTask()
 
 
+def check_mask_labels(root: str | Path, split: str, class_names: list[str] | None, *, max_masks: int = 200) -> set[int]:
+    """Say before training whether a VOC-layout split's mask labels fit the configured classes.
+
+    Labels that do not fit (a label >= the class count, other than 255) are an error; a set
+    that uses far fewer labels than configured (at most half, e.g. 4 labels with VOC's 21
+    classes) is a warning naming both numbers: the model would train outputs no pixel has.
+
+    Args:
+        root: the VOC-layout folder.
+        split: the training split.
+        class_names: the configured ``class_names`` (``None``: VOC's 21).
+        max_masks: most masks read (spread over the split).
+
+    Returns:
+        The labels found.
+
+    Raises:
+        ConfigError: a label does not fit the configured classes.
+    """
+    names = list(class_names or VOC_CLASSES)
+    labels, read = scan_mask_labels(root, split, max_masks=max_masks)
+    if not labels:
+        return labels
+    where = "VOC's 21 class names (class_names not set)" if class_names is None else "class_names"
+    too_big = sorted(v for v in labels if v >= len(names))
+    example = "[" + ",".join(["background", *[f"class{i}" for i in range(1, max(labels) + 1)]][: max(labels) + 1]) + "]"
+    if too_big:
+        shown = ", ".join(map(str, too_big[:8])) + (", ..." if len(too_big) > 8 else "")
+        raise ConfigError(f"{root}: masks of split {split} use label {shown}, which does not fit the {len(names)} configured classes "
+                          f"(labels 0..{len(names) - 1} from {where}; 255 is ignored): name every label, background first, "
+                          f"e.g. --set 'class_names={example}'")
+    used = max(labels) + 1
+    if used * 2 <= len(names):
+        logger.warning("%s: the %d masks read of split %s use labels up to %d (%d labels) but %d classes are configured (%s): "
+                       "the model would train %d outputs that no pixel has; name your labels, e.g. --set 'class_names=%s'",
+                       root, read, split, used - 1, used, len(names), where, len(names) - used, example)
+    return labels
+
+
 def preflight_seg(cfg: dict[str, Any], *, resume: str | Path | bool | None = None) -> dict[str, Any]:
     """Check what a segmentation run will read before it starts: device, data layout and splits, weights, resume file.
 
@@ -379,10 +419,14 @@ def preflight_seg(cfg: dict[str, Any], *, resume: str | Path | bool | None = Non
         ConfigError: the device is not available.
         DataPathError: the data folder is missing or in neither layout, or a split is missing.
         WeightsError: the backbone weights or the resume checkpoint cannot be used.
+        ConfigError: a VOC-layout mask label does not fit the configured classes (a sample of
+            masks is read; far fewer labels than classes is a warning, ``check_mask_labels``).
     """
     cfg = dict(cfg)
     if cfg["data_path"] is not None:
-        _, cfg["data_format"], cfg["train_split"], cfg["val_split"] = resolve_seg_data(cfg)
+        root, cfg["data_format"], cfg["train_split"], cfg["val_split"] = resolve_seg_data(cfg)
+        if cfg["data_format"] == "voc":
+            check_mask_labels(root, cfg["train_split"], cfg["class_names"])
     check_weights(cfg["weights_backbone"], BACKBONES[cfg["backbone"]])
     runner.preflight(TASK, cfg, resume=resume)
     return cfg

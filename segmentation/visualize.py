@@ -1,4 +1,8 @@
-"""Class maps people can look at: VOC colours, overlays on the image with a legend, palette PNGs."""
+"""Class maps people can look at: VOC colours, overlays on the image with a legend, palette PNGs.
+
+Class names in the legend are set by ``engine.text`` (a font with every glyph of the name, CJK
+included), as detection labels are.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from engine.text import label_font
 
 __all__ = ["colorize", "draw_segmentation", "save_class_map", "voc_palette"]
 
@@ -117,13 +123,13 @@ def draw_segmentation(
 def _draw_legend(rgb: np.ndarray, labels: list[int], class_names: Sequence[str] | None, palette: np.ndarray) -> np.ndarray:
     height, width = rgb.shape[:2]
     size = max(10, round(min(height, width) / 30))
-    font = ImageFont.load_default(size)
     pil = Image.fromarray(rgb)
     draw = ImageDraw.Draw(pil)
     pad = max(1, size // 4)
     y = pad
     for label in labels:
         name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+        font = label_font(name, size)  # per name: a Chinese name needs another font than a Latin one
         left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
         box_h = bottom - top + 2 * pad
         colour = tuple(int(c) for c in palette[label])

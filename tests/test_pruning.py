@@ -364,7 +364,7 @@ def test_prune_tool_refuses_bad_input(pruned_file, tmp_path, capsys):
         (["--ratio", "0.5", "--steps", "2"], r"--steps 2 .*pass --finetune-epochs"),
         (["--ratio", "0.999"], r"ratio 0.999 would remove every channel of .*keep none"),
         (["--ratio", "0.5", "--checkpoint", str(junk)], r"junk\.pth"),
-        (["--ratio", "0.5", "--checkpoint", str(weights)], r"weights\.pth is not a detector checkpoint \(it is a 'state_dict'"),
+        (["--ratio", "0.5", "--checkpoint", str(weights)], r"weights\.pth is not a detector checkpoint \(it is bare weights \(a state dict"),
         (["--ratio", "0.5", "--checkpoint", str(tmp_path / "missing.pth")], r"missing\.pth not found"),
         (["--ratio", "0.5", "--output", str(tmp_path)], r"is a folder"),
     ]
@@ -375,6 +375,7 @@ def test_prune_tool_refuses_bad_input(pruned_file, tmp_path, capsys):
 
         line = one_error_line(capsys.readouterr().err)
         assert re.search(pattern, line), (flags, line)
+        assert "KINDS" not in line  # what a file is, in words: never an internal constant
         assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth", "weights.pth"]  # nothing written, no temporary
 
 

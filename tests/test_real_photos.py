@@ -17,6 +17,7 @@ from deploy import Predictor
 
 from detection import build_detector
 from detection import visualize
+from engine import text
 from detection.data import CocoDetection, collate_fn
 from engine.images import read_image_rgb
 from detection.evaluation import format_per_category
@@ -189,11 +190,9 @@ def test_predictor_sees_a_photo_upright_from_a_path_or_a_pil_image(tmp_path, one
 @pytest.fixture
 def fresh_fonts():
     """Font choices made again: nothing cached from another test, nothing left for the next."""
-    visualize._face_for.cache_clear()
-    visualize._warned_uncovered = False
+    text.reset_font_choice()
     yield
-    visualize._face_for.cache_clear()
-    visualize._warned_uncovered = False
+    text.reset_font_choice()
 
 
 def _label_band(name: str) -> torch.Tensor:
@@ -203,21 +202,21 @@ def _label_band(name: str) -> torch.Tensor:
 
 
 def test_chinese_labels_are_drawn_with_their_glyphs_not_empty_boxes(fresh_fonts, caplog):
-    with caplog.at_level(logging.WARNING, logger="detection.visualize"):
+    with caplog.at_level(logging.WARNING, logger="engine.text"):
         cat, dog = _label_band("猫"), _label_band("狗")
     # Without a font that has them, both names come out as the same empty box (.notdef).
     assert not torch.equal(cat, dog)
     assert not caplog.records
     # The choice is per text: a Latin name stays in DejaVu Sans.
-    assert Path(visualize._face_for("person 0.90")[0]).name == "DejaVuSans.ttf"
-    assert Path(visualize._face_for("猫 0.90")[0]).name != "DejaVuSans.ttf"
+    assert Path(text.face_for("person 0.90")[0]).name == "DejaVuSans.ttf"
+    assert Path(text.face_for("猫 0.90")[0]).name != "DejaVuSans.ttf"
 
 
 def test_a_warning_says_once_that_no_font_has_the_characters(fresh_fonts, monkeypatch, caplog):
-    only_latin = visualize._font_faces()[:1]
+    only_latin = text.font_faces()[:1]
     assert Path(only_latin[0][0]).name == "DejaVuSans.ttf"
-    monkeypatch.setattr(visualize, "_font_faces", lambda: only_latin)
-    with caplog.at_level(logging.WARNING, logger="detection.visualize"):
+    monkeypatch.setattr(text, "font_faces", lambda: only_latin)
+    with caplog.at_level(logging.WARNING, logger="engine.text"):
         cat, dog = _label_band("猫"), _label_band("狗")
         _label_band("猫")
     assert torch.equal(cat, dog)  # what the test above tells apart: tofu boxes

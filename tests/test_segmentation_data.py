@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from engine.coco import AnnotationError
+from engine.skips import SKIP_REASONS
 from segmentation.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -191,7 +192,7 @@ def test_voc_missing_files_are_left_out_with_one_warning(tmp_path, caplog):
         ds = VOCSegmentation(root, "train")
     assert ds.ids == ["a", "c"] and ds.num_missing == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "left out 2 of 4 ids whose image or mask file is missing (b, d)" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "left out 2 of 4 ids whose image or mask file is missing (b: no mask b.png, d: no image)" in warnings[0].getMessage()
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("b\nd\n")
     with pytest.raises(FileNotFoundError, match="none of the 2 ids"):
         VOCSegmentation(root, "train")
@@ -231,6 +232,59 @@ def test_voc_bad_masks_are_skipped_with_the_reason(bad, message, tmp_path, caplo
     assert any(r.levelno == logging.WARNING for r in caplog.records)
     with pytest.raises(ValueError, match=message):
         ds.read_sample(0)
+
+
+def test_voc_reads_every_image_format_pil_reads_in_any_case_and_names_the_others(tmp_path, caplog, one_thread):
+    root = _write_voc(tmp_path, {n: _voc_mask(label=i + 1) for i, n in enumerate(["jpg", "rgba", "upper", "bmp", "gif"])})
+    images = root / "JPEGImages"
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    (images / "rgba.jpg").unlink()
+    Image.fromarray(rgba, "RGBA").save(images / "rgba.png")
+    (images / "upper.jpg").rename(images / "upper.JPEG")
+    (images / "bmp.jpg").unlink()
+    Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(images / "bmp.BMP")
+    (images / "gif.jpg").unlink()
+    Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(images / "gif.gif")
+    with caplog.at_level(logging.WARNING, logger="segmentation.data"):
+        ds = VOCSegmentation(root, "train")
+    assert ds.ids == ["jpg", "rgba", "upper", "bmp"]
+    assert ds.skipped_files == [] and ds._sample_path(1) == images / "rgba.png"
+    image, mask = ds.read_sample(1)
+    assert image.shape == (10, 12, 3) and image[0, 0].tolist() == [200, 0, 0]  # RGBA read as RGB
+    assert 2 in mask
+    assert all(ds.read_sample(i)[0].shape == (10, 12, 3) for i in range(len(ds)))
+    # The id whose only file is of another format is named with the file found, and why it is not used.
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "left out 1 of 5 ids" in message and "gif: found gif.gif, not an image file read here (.jpg, .jpeg, .png, .bmp, any case)" in message
+
+
+def test_bad_files_are_summarised_once_with_their_real_reasons(tmp_path, caplog, one_thread):
+    root = _write_voc(tmp_path, {"rgb": np.zeros((10, 12, 3), np.uint8), "size": _voc_mask(), "good": _voc_mask(label=3)})
+    Image.frombytes("L", (12, 11), bytes(12 * 11)).save(root / "SegmentationClass" / "size.png")
+    ds = VOCSegmentation(root, "train")
+    assert ds.skip_summary() is None  # nothing read yet
+    summaries = []
+    with caplog.at_level(logging.WARNING, logger="segmentation.data"):
+        for _epoch in range(3):
+            for i in range(len(ds)):
+                ds[i]
+            summaries.append(ds.skip_summary())
+            ds.reset_skipped()
+    first = summaries[0]
+    assert first is not None and "unreadable" not in first
+    assert first.startswith("2 samples fell back to another image, from 2 bad files: ")
+    assert "1 mask that is not a label image (RGB, ...)" in first and "1 mask whose size differs from its image's" in first
+    assert summaries[1:] == [None, None]  # the same files in later epochs: not said again
+    per_file = [r.getMessage() for r in caplog.records]
+    assert len(per_file) == 2 and any("rgb.jpg" in m and "is a RGB image" in m for m in per_file), per_file
+    # A worker process's findings reach the main process: the reason travels with the data set's shared memory.
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._why[ds.ids.index("size")] == SKIP_REASONS.index("mask whose size differs from its image's")
+    with pytest.raises(ValueError, match="reason must be one of"):
+        ds._record_bad(0, "unreadable")
 
 
 def test_voc_custom_class_count_and_nothing_readable(tmp_path):

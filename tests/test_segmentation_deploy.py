@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from deploy.export import ExportError, export_onnx, export_torchscript, read_metadata
-from deploy.files import identify, kind_of
+from deploy.files import FileFormatError, identify, kind_of
 from deploy.runtime import ExportedSegmenter, load_exported
 from deploy.segmenter import seg_calibration_images
 from engine.images import read_image_rgb
@@ -327,3 +328,94 @@ def test_gpu_check_trains_the_shapes_seg_recipe_and_reads_its_figures(tmp_path):
                "output_dir": "outputs/check_gpu", "environment": {}, "steps": [step]}
     md = cg.format_summary(summary)
     assert f"## Segmentation training: {cg.SEG_RECIPE}" in md and "**102.0 images/s**" in md and "41.5" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# infer_seg.py on exported files: the one loader (deploy.open_model) for every model kind
+
+
+def test_infer_seg_runs_exported_files_in_both_runtimes_as_its_checkpoint(deployed, tmp_path, capsys):
+    infer_seg = load_tool("infer_seg")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(60, 80), (72, 50)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+
+    def run(name: str, *flags: str) -> dict:
+        out = tmp_path / name
+        assert infer_seg.main(["--input", str(photos), "--output", str(out), "--masks", "--device", "cpu", *flags]) == 0, capsys.readouterr().err
+        assert "wrote 2 overlays" in capsys.readouterr().out
+        assert {p.name for p in out.iterdir()} >= {"p0.png.png", "p1.png.png", "p0.png.mask.png", "p1.png.mask.png", "segmentation.json"}
+        maps = {n: np.asarray(Image.open(out / f"{n}.mask.png")) for n in ("p0.png", "p1.png")}
+        return {"json": json.loads((out / "segmentation.json").read_text()), "maps": maps}
+
+    reference = run("torch", "--checkpoint", str(deployed["ckpt"]))
+    cases = {"onnxruntime": ["--checkpoint", str(deployed["onnx"])], "int8": ["--checkpoint", str(deployed["int8"])]}
+    if "openvino" in _runtimes():
+        cases["openvino"] = ["--checkpoint", str(deployed["onnx"]), "--runtime", "openvino"]
+        cases["openvino bf16"] = ["--checkpoint", str(deployed["onnx"]), "--runtime", "openvino", "--precision", "bf16"]
+    assert "openvino" in cases, "openvino is a dependency: both runtimes are tested"
+    names = {c["label"]: c["name"] for r in reference["json"].values() for c in r["classes"]}
+    assert names and all(SHAPES_SEG_CLASSES[label] == name for label, name in names.items())  # the checkpoint's class map
+    for name, flags in cases.items():
+        got = run(name.replace(" ", "_"), *flags)
+        assert got["json"].keys() == reference["json"].keys()
+        for image, summary in got["json"].items():
+            assert summary["image_size"] == reference["json"][image]["image_size"]
+            assert all(SHAPES_SEG_CLASSES[c["label"]] == c["name"] for c in summary["classes"]), (name, summary)
+            agreement = (got["maps"][image] == reference["maps"][image]).mean()
+            # fp32 files give the checkpoint's class map; int8 (calibrated on shapes, run on noise here) and bf16 most of it
+            assert agreement >= (0.6 if "int8" in name or "bf16" in name else 0.999), (name, image, agreement)
+
+
+def test_infer_seg_refuses_what_it_cannot_run_in_one_line(deployed, tmp_path, capsys):
+    infer_seg = load_tool("infer_seg")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    detector = str(_detector_onnx(tmp_path / "det.onnx"))
+    cases = [
+        (["--checkpoint", detector], r"det.onnx is an exported detector \(faster_rcnn\), not a segmenter"),
+        (["--checkpoint", str(deployed["ckpt"]), "--precision", "bf16"], r"precision='bf16' is for exported files run with runtime='openvino' \(--precision with --runtime openvino\)"),
+        (["--checkpoint", str(deployed["onnx"]), "--runtime", "torch"], "runtime 'torch' does not run"),
+        (["--checkpoint", str(deployed["onnx"]), "--device", "cuda"], "exported files run on the CPU"),
+    ]
+    for flags, message in cases:
+        code = infer_seg.main([*flags, "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "out")])
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 2 and re.search(message, line), (flags, line)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_loader_opens_every_model_file_and_names_what_it_is(deployed, tmp_path):
+    from deploy.predictor import Predictor, open_model, open_predictor
+    from detection import build_detector
+    from detection.checkpoint import save_detector
+    from engine.files import CheckpointError
+
+    detector = build_detector("faster_rcnn", num_classes=3, min_size=64, max_size=64, out_channels=32, representation_size=64)
+    det_file = save_detector(detector, tmp_path / "det.pth", category_mapping={"cat_ids": [1, 2], "names": ["a", "b"]})
+    opened = {name: open_model(deployed[name], device="cpu") for name in ("ckpt", "onnx", "int8", "pt")}
+    assert {name: (o.task, o.runtime, o.exported) for name, o in opened.items()} == {
+        "ckpt": ("segmentation", "torch", False), "onnx": ("segmentation", "onnxruntime", True),
+        "int8": ("segmentation", "onnxruntime", True), "pt": ("segmentation", "torchscript", True)}
+    assert all(o.model.class_names == list(SHAPES_SEG_CLASSES) for o in opened.values())
+    assert open_model(deployed["onnx"], runtime="openvino").runtime == "openvino"
+    det = open_model(det_file, device="cpu")
+    assert det.task == "detection" and det.runtime == "torch" and det.model.category_mapping["names"] == ["a", "b"]
+    assert isinstance(open_predictor(det_file, device="cpu"), Predictor)
+    assert isinstance(open_predictor(deployed["int8"]), SegmentationPredictor)
+    # Files of no task, and of the other task: named in words, never by an internal constant.
+    classifier = tmp_path / "cls.pth"
+    torch.save({"model": {}, "arch": "resnet18", "classes": ["a"]}, classifier)
+    with pytest.raises(CheckpointError, match=r"cls.pth is a classifier \(model_final.pth from tools/train_cls.py.*\), not a segmenter") as e:
+        open_model(classifier, task="segmentation")
+    assert "KINDS" not in str(e.value)
+    with pytest.raises(CheckpointError, match=r"det.pth is a detector file \(tools/train_det.py\), not a segmenter: score it with tools/eval_coco.py"):
+        open_model(det_file, task="segmentation")
+    with pytest.raises(ValueError, match="exported files run on the CPU"):
+        open_model(deployed["onnx"], device="cuda")
+    odd = tmp_path / "odd.pth"
+    torch.save({"something": 1}, odd)
+    with pytest.raises(FileFormatError, match="not one this project reads") as e:
+        identify(odd)
+    assert "KINDS" not in str(e.value)

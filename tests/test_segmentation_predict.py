@@ -148,3 +148,24 @@ def test_resize_scales_the_short_side_and_the_map_keeps_the_image_size(model, on
         assert result.class_map.shape == (h, w)
     SegmentationPredictor(recording, device="cpu")(_picture(40, 56))
     assert recording.sizes[-1] == (40, 56)  # no resize: the image as it is
+
+
+def test_chinese_class_names_in_the_key_are_drawn_with_their_glyphs(monkeypatch):
+    from engine import text
+
+    image = np.full((120, 160, 3), 100, np.uint8)
+    labels = np.zeros((120, 160), np.int64)
+    labels[60:, 60:] = 1
+
+    def key(name: str) -> torch.Tensor:
+        return draw_segmentation(image, labels, class_names=["背景", name])[:, :30, :]
+
+    text.reset_font_choice()
+    try:
+        road, car = key("道路"), key("汽车")
+        # Without a font that has them, both names are the same empty boxes (.notdef): PIL's default font.
+        assert not torch.equal(road, car)
+        monkeypatch.setattr(text, "face_for", lambda _text: None)  # no TrueType font: PIL's load_default
+        assert torch.equal(key("道路"), key("汽车"))
+    finally:
+        text.reset_font_choice()

@@ -115,7 +115,7 @@ def test_eval_seg_bad_input_is_one_error_line(trained: Path, cache: Path, tmp_pa
     cases = [
         (["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth"),
         (["--checkpoint", str(junk)], "junk.pth"),
-        (["--checkpoint", str(detector)], r"is not a segmenter file.*lacks \['class_names'\]"),
+        (["--checkpoint", str(detector)], r"det.pth is a detector file \(tools/train_det.py\), not a segmenter: score it with tools/eval_coco.py"),
         (["--checkpoint", model, "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
         (["--checkpoint", model, "--output-dir", str(a_file)], "is a file; pass a folder"),
         (["--checkpoint", model, "--data-path", str(_voc(tmp_path / "voc"))], r"label values 15 are outside 0..6 .*; the model has 7 labels \(__background__, circle"),

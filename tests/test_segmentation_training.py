@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -365,6 +366,29 @@ def test_preflight_refuses_bad_inputs_before_any_work(tmp_path, cache):
     assert not (tmp_path / "run").exists() and not cache.exists()  # nothing made, not even the shapes set
     voc = _voc(tmp_path / "voc")
     assert preflight_seg(_cfg(tmp_path / "run", f"data_path={voc}"))["data_format"] == "voc"
+
+
+def test_preflight_says_when_mask_labels_do_not_fit_the_classes(tmp_path, cache, caplog):
+    from PIL import Image
+
+    voc = _voc(tmp_path / "voc", ids=("a", "b", "c"))  # labels 0, 15 and 255
+    names = "class_names=[背景,道路,汽车,行人]"
+    with pytest.raises(ConfigError, match=r"use label 15, which does not fit the 4 configured classes .*--set 'class_names=\["):
+        preflight_seg(_cfg(tmp_path / "run", f"data_path={voc}", names))
+    for i, name in enumerate(("a", "b", "c")):  # a set of one's own: labels 0..3
+        mask = np.zeros((32, 40), np.uint8)
+        mask[4:20, 8:30] = i + 1
+        mask[0] = 255
+        Image.fromarray(mask, mode="L").save(voc / "SegmentationClass" / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="segmentation.training"):
+        preflight_seg(_cfg(tmp_path / "run", f"data_path={voc}"))  # VOC's 21 classes for 4 labels
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "(4 labels) but 21 classes are configured" in warned[0] and "class_names=" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segmentation.training"):
+        preflight_seg(_cfg(tmp_path / "run", f"data_path={voc}", names))  # named: nothing to say
+    assert not caplog.records
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_on_a_voc_folder(tmp_path):

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import torch
 
-from detection.visualize import _PALETTE, _text_color, draw_detections
+from detection.visualize import _PALETTE, draw_detections
+from engine.text import text_color as _text_color
 from engine.plots import plot_curves
 
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from detection.evaluation import EVALUATORS
-from deploy.files import RUNTIMES
+from deploy.files import add_runtime_args
 from detection.postprocess import add_test_option_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
-    p.add_argument("--runtime", choices=list(RUNTIMES), help="default from the file's bytes: torch for checkpoints, onnxruntime for ONNX, torchscript for TorchScript")
+    add_runtime_args(p)
     p.add_argument("--data-path", help="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)")
     p.add_argument("--split", help="split to evaluate (default: the training run's val split, or the one *val* split found)")
     p.add_argument("--output-dir", help="where to write detections_*.json and metrics.json (default: beside the checkpoint)")
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from engine import distributed as dist_utils
-    from detection.config import DEFAULTS, resolve_device
+    from detection.config import DEFAULTS
     from detection.data import CocoDetection
     from engine.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
-    from deploy.files import check_exported_flags, is_exported
-    from deploy.predictor import Predictor
+    from deploy.files import check_exported_flags
+    from deploy.predictor import Predictor, open_model
     from detection.postprocess import parse_test_options, set_test_options
 
     path = Path(args.checkpoint)
@@ -59,12 +59,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         test_options = parse_test_options(args)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        exported = is_exported(path, args.runtime)
-        if exported:
+        opened = open_model(path, task="detection", runtime=args.runtime, device=args.device, precision=args.precision)
+        if opened.exported:
             check_exported_flags(path, device=args.device, test_options=test_options, use="evaluate")
-        device = "cpu" if exported else resolve_device(args.device)
-        device = str(dist_utils.init_distributed(device))
-        predictor = Predictor(path, runtime=args.runtime, device=device, fast=args.fast, dtype=parse_dtype(args.dtype))
+        device = str(dist_utils.init_distributed("cpu" if opened.exported else str(opened.device)))  # under torchrun: this rank's
+        predictor = Predictor(opened.moved_to(device), fast=args.fast, dtype=parse_dtype(args.dtype))
         set_test_options(predictor.model, test_options)
         train_config = getattr(predictor.model, "train_config", None)
         if args.data_path is None and not train_config:

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 tools/eval_seg.py --checkpoint model_final.pth --data-path /data/coco
     python tools/eval_seg.py --checkpoint seg.onnx --runtime openvino                 # the deployed file itself
     python tools/eval_seg.py --checkpoint seg_int8.onnx                                # int8: ONNX Runtime
+    python tools/eval_seg.py --checkpoint seg.onnx --runtime openvino --precision bf16 # what is not int8 in bf16
 
 One confusion matrix over the split (each process scores every N-th image; the matrices are
 summed over processes); pixels labelled 255 are not counted. Images are resized as in training
@@ -21,14 +22,14 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.files import RUNTIMES
+from deploy.files import add_runtime_args
 from engine.cli import DEVICES, init_device, removed_on_failure, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from tools/train_seg.py, or an exported .onnx / .pt (tools/export.py)")
-    p.add_argument("--runtime", choices=list(RUNTIMES), help="default from the file's bytes: torch for checkpoints, onnxruntime for ONNX, torchscript for TorchScript")
+    add_runtime_args(p)
     p.add_argument("--data-path", help="VOC or COCO-layout root; omitted: the data the checkpoint was trained on")
     p.add_argument("--data-format", choices=["auto", "coco", "voc"], default="auto", help="layout of --data-path (auto: by its folders)")
     p.add_argument("--split", help="split to score (default: the checkpoint's val_split, else val / the one *val* file)")
@@ -43,27 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load(args: argparse.Namespace) -> tuple:
-    """The model to score and its device: a segmenter checkpoint, or an exported segmenter on the CPU."""
-    from deploy.files import is_exported, resolve_runtime
-    from deploy.runtime import load_exported
+    """The model to score and its device: whatever file ``deploy.open_model`` opens as a segmenter."""
+    from deploy.predictor import open_model
     from engine.config import ConfigError
-    from segmentation import load_segmenter
 
-    path = Path(args.checkpoint)
     try:
-        if path.is_file():
-            resolve_runtime(path, args.runtime)  # a runtime that does not run the file: say so before anything
-        if not is_exported(path, args.runtime):
-            device = init_device(args.device)
-            return load_segmenter(path, device=device), device
-        if args.device == "cuda":
-            raise ConfigError("exported files run on the CPU (ONNX Runtime / OpenVINO / TorchScript); drop --device cuda or score the .pth checkpoint")
-        if args.amp:
+        opened = open_model(args.checkpoint, task="segmentation", runtime=args.runtime, precision=args.precision, device=args.device)
+        if opened.exported and args.amp:
             raise ConfigError("--amp is for PyTorch checkpoints; an exported file runs in the precision it was written in (fp32 or int8)")
-        model = load_exported(path, runtime=args.runtime, task="segmentation")
-        return model, init_device("cpu")
     except (ValueError, ImportError) as e:  # a runtime that does not run the file, or one not installed
         raise ConfigError(str(e)) from None
+    device = init_device("cpu" if opened.exported else args.device)  # under torchrun: this rank's device
+    return opened.moved_to(device).model, device
 
 
 def work(args: argparse.Namespace) -> int:

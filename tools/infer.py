@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
-from deploy.files import RUNTIMES, check_exported_flags, is_exported
+from deploy.files import add_runtime_args, check_exported_flags
 from deploy.inputs import check_output_folder, image_files
 from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
 from detection.postprocess import add_test_option_args
@@ -40,7 +40,7 @@ VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams", "prefetc
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
-    p.add_argument("--runtime", choices=list(RUNTIMES), help="default: torch for .pth, onnxruntime for exported files")
+    add_runtime_args(p)
     p.add_argument("--input", required=True, help="an image file or a folder of images, subfolders included (any format PIL reads); "
                    "a video file; a camera index (0); a stream URL (rtsp://, http(s)://); a folder of frames with --frames")
     p.add_argument("--output", required=True, help="folder for the PNGs and detections.json, or for annotated.mp4 and "
@@ -49,7 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=list(DEVICES), default="auto")
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="--runtime openvino: what is not int8 runs in this precision (default fp32)")
     add_test_option_args(p)  # PyTorch checkpoints; an exported file has them baked in
     video = p.add_argument_group("videos, cameras, streams and frame folders")
     video.add_argument("--frames", action="store_true", help="read the --input folder's images as the frames of one video (natural name order)")
@@ -104,8 +103,6 @@ def _check_video_flags(args: argparse.Namespace, *, video: bool) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
     if ((args.requests or 1) > 1 or args.streams) and args.runtime != "openvino":
         raise ValueError("--requests and --streams are for --runtime openvino (an exported .onnx file); other runtimes run one frame at a time")
-    if args.precision is not None and args.runtime != "openvino":
-        raise ValueError("--precision is for --runtime openvino; a PyTorch checkpoint takes --fast --dtype instead")
 
 
 def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
@@ -119,17 +116,14 @@ def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
 
 
 def _predictor(args: argparse.Namespace):
-    from engine.config import resolve_device
-    from deploy.predictor import Predictor
+    from deploy.predictor import Predictor, open_model
     from detection.postprocess import parse_test_options, set_test_options
 
     test_options = parse_test_options(args)
-    exported = is_exported(args.checkpoint, args.runtime)
-    if exported:
+    opened = open_model(args.checkpoint, task="detection", runtime=args.runtime, device=args.device, precision=args.precision)
+    if opened.exported:
         check_exported_flags(args.checkpoint, device=args.device, test_options=test_options, use="run")
-    device = "cpu" if exported else resolve_device(args.device)
-    predictor = Predictor(args.checkpoint, runtime=args.runtime, device=device, score_thresh=args.score_thresh,
-                          fast=args.fast, dtype=parse_dtype(args.dtype), precision=args.precision)
+    predictor = Predictor(opened, score_thresh=args.score_thresh, fast=args.fast, dtype=parse_dtype(args.dtype))
     set_test_options(predictor.model, test_options)
     return predictor
 
@@ -180,7 +174,7 @@ def _images(args: argparse.Namespace, predictor, paths: list[tuple[Path, str]], 
     if not results:
         return fail(f"none of the {len(paths)} inputs could be read as an image")
     atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1, ensure_ascii=False))
-    print(f"wrote {len(results)} images to {out_dir}")
+    print(f"wrote {len(results)} {'image' if len(results) == 1 else 'images'} to {out_dir}")
     return 0
 
 

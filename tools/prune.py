@@ -74,14 +74,14 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint model_final.pth from tools/train_det.py")
 
-    from deploy.files import kind_of
+    from deploy.files import KIND_DESCRIPTIONS, kind_of
     from engine.files import read_torch_file
 
     ckpt = read_torch_file(checkpoint)  # an exported file, junk, pickled code: refused here, naming the file
     kind = kind_of(ckpt)
     if kind not in ("detector", "training_state"):
-        raise ValueError(f"{checkpoint} is not a detector checkpoint (it is {f'a {kind!r} file' if kind else 'no file this project reads'}, "
-                         f"deploy.files.KINDS): tools/prune.py prunes model_final.pth / checkpoint.pth from tools/train_det.py")
+        raise ValueError(f"{checkpoint} is not a detector checkpoint (it is {KIND_DESCRIPTIONS[kind] if kind else 'no file this project reads'}): "
+                         "tools/prune.py prunes model_final.pth / checkpoint.pth from tools/train_det.py")
     train_config = ckpt.get("config")
     if args.importance == "taylor" and args.data_path is None and not train_config:
         raise ValueError(f"importance taylor scores training images and {checkpoint} records no training data: pass --data-path DIR")

@@ -49,10 +49,17 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args: argparse.Namespace) -> tuple[dict, argparse.Namespace]:
     from detection.training import preflight
 
-    cfg = load_config(args.config or default_recipe(args.model, args.data_path))
+    recipe = args.config or default_recipe(args.model, args.data_path)
     own = ("backbone", "model", "weights_backbone", "trainable_layers", "init_checkpoint", "augment")
-    cfg = apply_overrides(cfg, args.set, **train_overrides(args, *own))
-    return preflight(cfg, resume=args.resume), args  # every input checked before any work
+    cfg = apply_overrides(load_config(recipe), args.set, **train_overrides(args, *own))
+    cfg = preflight(cfg, resume=args.resume)  # every input checked before any work
+    from engine import distributed as dist_utils
+    from engine.recipes import recipe_notice
+
+    if dist_utils.is_main_process():
+        line, warning = recipe_notice(recipe, cfg, cpu_recipe="faster_rcnn_r18_fpn_cpu", defaults="the COCO 1x schedule at 800 px")
+        print(line + (f"\nwarning: {warning}" if warning else ""))
+    return cfg, args
 
 
 def _train(checked: tuple[dict, argparse.Namespace]) -> int:

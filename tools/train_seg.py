@@ -37,15 +37,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def work(args: argparse.Namespace) -> int:
+    from engine import distributed as dist_utils
     from engine.config import apply_overrides, load_config
-    from segmentation.config import SEGMENTATION, default_seg_recipe
+    from engine.recipes import recipe_notice
+    from segmentation.config import CPU_SEG_RECIPE, SEGMENTATION, default_seg_recipe
     from segmentation.evaluation import format_seg_metrics
     from segmentation.training import preflight_seg, train_segmenter
 
     if args.list_configs:
         print(recipe_table("segmentation"))
         return 0
-    cfg = load_config(args.config or default_seg_recipe(args.data_path), schema=SEGMENTATION)
+    recipe = args.config or default_seg_recipe(args.data_path)
+    cfg = load_config(recipe, schema=SEGMENTATION)
     if args.model is not None and args.model != cfg["model"] and cfg["model_kwargs"]:
         # The recipe's head options were chosen for its own architecture; --set model_kwargs.X=V still applies.
         print(f"--model {args.model}: the recipe's {cfg['model']} head options {cfg['model_kwargs']} are not used")
@@ -53,6 +56,9 @@ def work(args: argparse.Namespace) -> int:
     own = ("model", "backbone", "output_stride", "aux_loss", "weights_backbone")
     cfg = apply_overrides(cfg, args.set, schema=SEGMENTATION, **train_overrides(args, *own))
     cfg = preflight_seg(cfg, resume=args.resume)  # every user error before the output folder is made
+    if dist_utils.is_main_process():
+        line, warning = recipe_notice(recipe, cfg, cpu_recipe=CPU_SEG_RECIPE, defaults="torchvision's reference settings")
+        print(line + (f"\nwarning: {warning}" if warning else ""))
     result = train_segmenter(cfg, resume=args.resume, progress=not args.no_progress)
     summary = training_summary(result, cfg, format_seg_metrics(result["metrics"]))
     if summary:
