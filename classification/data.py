@@ -191,7 +191,7 @@ class ImageFolder(SkippingDataset):
             image = read_image_rgb(path)
         # PIL raises many exception types for corrupt files; any failure to decode means bad input.
         except Exception as exc:  # noqa: BLE001
-            self._bad[index] = True
+            self._record_bad(index, "missing image file" if isinstance(exc, FileNotFoundError) else "unreadable image")
             logger.warning("skipping image %s: %s: %s", path, type(exc).__name__, exc)
             return None
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy of PIL's read-only buffer

@@ -29,6 +29,7 @@ SKIP_REASONS = (
     "unreadable mask",
     "mask whose size differs from its image's",
     "mask with labels outside the configured classes",
+    "image whose size differs from its annotation's",
 )
 
 

@@ -230,11 +230,12 @@ def test_unreadable_training_images_are_skipped_counted_and_logged(tmp_path, mon
     broken = sorted((root / "train").glob("*.jpg"))[:2]
     for path in broken:
         path.write_bytes(b"\xff\xd8 not really a jpeg")
-    cfg = _tiny_cfg(tmp_path / "run", "epochs=1", "max_iters=null", f"data_path={root}", "train_split=train", "val_split=val")
+    cfg = _tiny_cfg(tmp_path / "run", "epochs=2", "max_iters=null", f"data_path={root}", "train_split=train", "val_split=val")
     result = train(cfg, progress=False)
-    assert result["iteration"] >= 4
+    assert result["iteration"] >= 8
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "epoch 0: 2 samples fell back to another image" in log
+    assert "epoch 0: 2 samples fell back to another image, from 2 bad files: 2 unreadable image" in log
+    assert log.count("samples fell back") == 1  # the same files in epoch 1: not said again
     # Each bad file is named once, however often it is drawn.
     assert all(log.count(f"skipping image {p}") == 1 for p in broken)
 

@@ -248,9 +248,9 @@ class CocoDetection(SkippingDataset):
         """Files found unusable so far (each was warned about once)."""
         return [str(self.image_path(i)) for i, bad in enumerate(self._bad) if bad]
 
-    def _mark_bad(self, index: int, reason: str) -> None:
-        self._bad[index] = True
-        logger.warning("skipping image %s: %s", self.image_path(index), reason)
+    def _mark_bad(self, index: int, why: str, detail: str) -> None:
+        self._record_bad(index, why)
+        logger.warning("skipping image %s: %s", self.image_path(index), detail)
 
     def _read(self, index: int) -> np.ndarray | None:
         path = self.image_path(index)
@@ -265,13 +265,15 @@ class CocoDetection(SkippingDataset):
         # PIL raises many exception types for corrupt files (OSError, SyntaxError,
         # struct.error, ...); any failure to decode means the file is bad input.
         except Exception as exc:  # noqa: BLE001
-            self._mark_bad(index, f"{type(exc).__name__}: {exc}")
+            why = "missing image file" if isinstance(exc, FileNotFoundError) else "unreadable image"
+            self._mark_bad(index, why, f"{type(exc).__name__}: {exc}")
             return None
         if image.shape[:2] != expected:
             tag = ""
             if orientation != 1:
                 tag = f" (EXIF orientation {orientation}: {stored} as stored, {upright_size(stored, orientation)} upright)"
-            self._mark_bad(index, f"decoded size {image.shape[:2]}{tag} differs from (height, width) {expected} in {self.ann_file}")
+            self._mark_bad(index, "image whose size differs from its annotation's",
+                           f"decoded size {image.shape[:2]}{tag} differs from (height, width) {expected} in {self.ann_file}")
             return None
         if orientation != 1:
             self._oriented[index] = 1 if upright else 2

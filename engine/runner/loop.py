@@ -181,10 +181,11 @@ def train_one_epoch(
         if state.iteration >= data.stop_at:
             break
         t_data = time.perf_counter()
-    skipped = getattr(data.train_set, "num_skipped", 0)
-    if skipped and run.is_main:
-        logger.warning("epoch %d: %d samples fell back to another image because theirs was unreadable (each file is named above)", epoch, skipped)
-    if skipped:
+    if getattr(data.train_set, "num_skipped", 0):
+        # Said once per bad file, with its real reason (engine.skips); samples of files already said fall back silently.
+        summary = data.train_set.skip_summary() if run.is_main else None
+        if summary:
+            logger.warning("epoch %d: %s", epoch, summary)
         data.train_set.reset_skipped()
 
 
