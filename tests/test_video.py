@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from deploy import Predictor
-from deploy.video import CaptureSource, FolderSource, annotate_video, input_kind, open_source
+from deploy.sources import CaptureSource, FolderSource, input_kind, open_source
+from deploy.video import annotate_video
 from detection import build_detector, save_detector
 from engine.shapes import scene_frames
 from helpers import REPO, run_tool, tool_env
@@ -210,7 +211,7 @@ def test_a_live_stream_that_drops_is_reopened_then_ends_cleanly(caplog: pytest.L
     captures = iter([_FakeCapture([black] * 3), _FakeCapture(None), _FakeCapture([black, wrong, black])])
     source = CaptureSource(lambda: next(captures, _FakeCapture(None)), kind="stream", name="rtsp://cam/live", reconnect=2,
                            reconnect_delay=0)
-    with caplog.at_level("WARNING", logger="deploy.video"):
+    with caplog.at_level("WARNING", logger="deploy"):
         frames = list(source)
     assert source.live and [f.index for f in frames] == [0, 1, 2, 3, 5] and source.skipped == 1 and source.reconnects == 1
     assert all(f.image.shape == (HEIGHT, WIDTH, 3) for f in frames)
@@ -384,7 +385,7 @@ SOLID = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (230, 200, 40)]  # RGB: re
 
 def test_a_video_file_delivers_every_frame_in_rgb_and_its_end_is_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clip = _write_video(tmp_path / "solid.mp4", [np.full((HEIGHT, WIDTH, 3), c, np.uint8) for c in SOLID])  # written as BGR
-    with caplog.at_level("WARNING", logger="deploy.video"):
+    with caplog.at_level("WARNING", logger="deploy"):
         with open_source(str(clip)) as source:
             frames = list(source)
     assert source.frame_count == len(SOLID) and [f.index for f in frames] == list(range(len(SOLID)))
@@ -418,7 +419,7 @@ def test_a_stream_that_reports_its_length_ends_at_its_end_without_reconnecting(c
         opened.append(1)
         return _FakeCapture([black] * 3, count=3) if len(opened) == 1 else _FakeCapture(None)  # then it is gone
 
-    with caplog.at_level("WARNING", logger="deploy.video"):
+    with caplog.at_level("WARNING", logger="deploy"):
         source = CaptureSource(capture, kind="stream", name="https://host/clip.mp4", reconnect=2, reconnect_delay=0)
         frames = list(source)
     assert not source.live and source.frame_count == 3

@@ -31,7 +31,8 @@ from pathlib import Path
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from deploy.files import add_runtime_args, check_exported_flags
 from deploy.inputs import check_output_folder, image_files
-from deploy.video import DEFAULT_FPS, VIDEO_NAME, input_kind
+from deploy.sources import DEFAULT_FPS, input_kind
+from deploy.video import VIDEO_NAME
 from detection.postprocess import add_test_option_args
 
 VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams", "prefetch")
@@ -106,7 +107,7 @@ def _check_video_flags(args: argparse.Namespace, *, video: bool) -> None:
 
 
 def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
-    from deploy.video import open_frame_folder, open_source
+    from deploy.sources import open_frame_folder, open_source
 
     if kind == "frames":
         return open_frame_folder(Path(args.input), what="--input", fps=args.fps or DEFAULT_FPS, exclude=out_dir)

@@ -207,7 +207,8 @@ def time_video(spec: dict[str, Any], queue: Any) -> None:
     try:
         import cv2
 
-        from deploy.video import annotate_video, open_source
+        from deploy.sources import open_source
+        from deploy.video import annotate_video
 
         torch.set_num_threads(spec["threads"])
         predictor = _predictor(spec)
