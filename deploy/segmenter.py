@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from segmentation.data import IMAGENET_MEAN, IMAGENET_STD
+from engine.images import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.models import ARCHS as SEGMENTER_ARCHS
 
 from .files import publish, temporary_folder

@@ -22,7 +22,7 @@ from torch import nn
 from engine.images import image_to_tensor
 
 from .checkpoint import load_segmenter
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from engine.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SegmentationPredictor", "SegmentationResult", "read_image_exif"]
 

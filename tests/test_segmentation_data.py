@@ -11,9 +11,8 @@ from PIL import Image
 
 from engine.coco import AnnotationError
 from engine.skips import SKIP_REASONS
+from engine.images import IMAGENET_MEAN, IMAGENET_STD
 from segmentation.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SHAPES_SEG_CLASSES,
     CocoSegmentation,
     VOCSegmentation,

@@ -1,303 +1,30 @@
-"""Semantic segmentation data: COCO-format instances as class maps, the VOC layout, the shapes set, augmentation.
-
-Every data set returns ``(image, mask)``: the image as an ImageNet-normalised float32
-CHW tensor (what torchvision's segmentation models take), the mask as an int64 H x W
-tensor of labels, ``0..num_classes-1``, with ``255`` (``IGNORE_INDEX``) where no label
-counts (losses and metrics skip it).
-
-Layouts:
-
-- **COCO** (``CocoSegmentation``): ``ROOT/annotations/instances_{split}.json`` and
-  ``ROOT/{split}/<file_name>``. Category ids map to contiguous labels ``1..K`` in id
-  order, 0 is the background. A pixel is its category's label when exactly one
-  category covers it (instances of one category are united), ``255`` when two or more
-  categories overlap there (torchvision's references mark overlaps so) or a crowd
-  region (``iscrowd=1``) covers it.
-- **VOC** (``VOCSegmentation``): ``ROOT/JPEGImages/<id>.jpg`` (or ``.jpeg``, ``.png``, ``.bmp``, any case),
-  ``ROOT/SegmentationClass/<id>.png`` (palette PNGs whose indices are the labels; VOC's
-  255 object borders stay ignored) and ``ROOT/ImageSets/Segmentation/{split}.txt``.
-- **shapes**: ``make_shapes`` writes the detection shapes set (COCO layout) and
-  ``CocoSegmentation`` reads its semantic view; its objects never overlap, so it has no
-  ignored pixels.
-
-Images are used upright (EXIF orientation applied, as ``detection.data.read_image_rgb``
-does), except a COCO image whose annotation size is its stored size and not its upright
-one: its annotations were drawn on the stored pixels.
-
-Bad input (each case tested): a missing folder, split list or annotation file, or an
-annotation without a segmentation, is an error at construction naming the file. VOC ids
-whose image or mask file is missing are left out with one warning that counts them
-(an error when none is left). At read time an unreadable image, an image whose size
-differs from its annotation or mask, a mask that is not a label image, labels outside
-``0..num_classes-1`` other than 255, or an undecodable segmentation makes the sample
-skipped: ``__getitem__`` returns the next readable one, a warning names the file once,
-and ``num_skipped`` counts the skips (shared by DataLoader workers).
-"""
+"""The segmentation data sets: COCO-format instances as class maps, the VOC layout, the shapes set; bad samples skipped and named."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from PIL import Image
 
-# albumentations asks PyPI for a newer version at import time unless told not to.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A  # noqa: E402
 
-from engine.coco import AnnotationError, load_coco_annotations  # noqa: E402
-from engine.augment import SeededCompose  # noqa: E402
-from engine.images import IMAGENET_MEAN, IMAGENET_STD, exif_orientation, image_to_tensor, read_image_rgb, upright_size  # noqa: E402
-from engine.datasets import generate_atomically  # noqa: E402
-from engine.shapes import SHAPES_CLASSES  # noqa: E402
-from engine.shapes import generate as generate_shapes  # noqa: E402
-from engine.skips import SKIP_REASONS, SkippingDataset  # noqa: E402
+from engine.coco import AnnotationError, load_coco_annotations
+from engine.images import exif_orientation, read_image_rgb, upright_size
+from engine.datasets import generate_atomically
+from engine.shapes import generate as generate_shapes
+from engine.skips import SKIP_REASONS, SkippingDataset
 
-__all__ = [
-    "BACKGROUND",
-    "COCO_VOC_CATEGORIES",
-    "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "SHAPES_SEG_CLASSES",
-    "VOC_CLASSES",
-    "AnnotationError",
-    "CocoSegmentation",
-    "SegmentationTransform",
-    "VOCSegmentation",
-    "build_seg_transforms",
-    "coco_semantic_mask",
-    "collate_fn",
-    "denormalize",
-    "make_shapes",
-]
+from .labels import BACKGROUND, IGNORE_INDEX, LABEL_MODES, VOC_CLASSES, check_labels, coco_semantic_mask
+from .transforms import Transform, build_seg_transforms
+
+__all__ = ["CocoSegmentation", "scan_mask_labels", "VOC_IMAGE_SUFFIXES", "VOCSegmentation", "make_shapes"]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
-BACKGROUND = "__background__"
-# torchvision's names for the 21 VOC labels (index = label).
-VOC_CLASSES: tuple[str, ...] = (
-    BACKGROUND, "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-SHAPES_SEG_CLASSES: tuple[str, ...] = (BACKGROUND, *SHAPES_CLASSES)
-# torchvision's references/segmentation CAT_LIST without its 0: the COCO ids of VOC's 20 classes, in VOC's label order.
-COCO_VOC_CATEGORIES: tuple[int, ...] = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
-_LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
-
-Transform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Masks
-
-
-def _decode(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """One annotation's ``segmentation`` (polygons, RLE or uncompressed RLE) as an H x W uint8 mask."""
-    if isinstance(segmentation, list):
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_util.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    mask = mask_util.decode(rle)
-    if mask.shape != (height, width):
-        raise ValueError(f"segmentation decodes to {mask.shape}, not the image's ({height}, {width})")
-    return mask
-
-
-def coco_semantic_mask(
-    annotations: Sequence[Mapping[str, Any]],
-    height: int,
-    width: int,
-    cat_id_to_label: Mapping[int, int],
-    *,
-    ignore_index: int = IGNORE_INDEX,
-) -> np.ndarray:
-    """Turn one image's COCO instance annotations into a class map.
-
-    Args:
-        annotations: the image's annotations (``category_id``, ``segmentation``,
-            optional ``iscrowd``).
-        height: image height.
-        width: image width.
-        cat_id_to_label: category id -> label (1..K); 0 is the background.
-        ignore_index: label of pixels that must not count.
-
-    Returns:
-        H x W uint8: the label of the one category covering a pixel (instances of a
-        category are united), ``ignore_index`` where two or more categories overlap or a
-        crowd region lies, 0 elsewhere.
-    """
-    per_label: dict[int, np.ndarray] = {}
-    crowd = np.zeros((height, width), dtype=bool)
-    for ann in annotations:
-        mask = _decode(ann["segmentation"], height, width).astype(bool)
-        if ann.get("iscrowd", 0):
-            crowd |= mask
-            continue
-        label = cat_id_to_label[ann["category_id"]]
-        if label in per_label:
-            per_label[label] |= mask
-        else:
-            per_label[label] = mask
-    target = np.zeros((height, width), dtype=np.uint8)
-    covered = np.zeros((height, width), dtype=np.uint8)
-    for label, mask in per_label.items():
-        target[mask] = label
-        covered += mask
-    target[(covered > 1) | crowd] = ignore_index
-    return target
-
-
-def _check_labels(mask: np.ndarray, num_classes: int, ignore_index: int) -> str | None:
-    values = np.unique(mask)
-    bad = values[(values >= num_classes) & (values != ignore_index)]
-    if len(bad):
-        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        return f"label values {shown} are outside 0..{num_classes - 1} (and are not the ignore index {ignore_index})"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms
-
-
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """An ImageNet-normalised CHW float image back to uint8 CHW (for drawing).
-
-    Args:
-        image: CHW float tensor as the data sets return it.
-    """
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device)[:, None, None]
-    return ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _normalized(image: np.ndarray) -> torch.Tensor:
-    tensor = image_to_tensor(image)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
-    return tensor.sub_(mean).div_(std)
-
-
-class SegmentationTransform:
-    """Apply albumentations ops to an image and its class map together, then make tensors.
-
-    Call signature: ``transform(image, mask) -> (image, mask)`` with ``image`` an H x W x
-    3 RGB uint8 array and ``mask`` an H x W integer array; returns the ImageNet-normalised
-    float32 CHW image and the int64 H x W mask. Masks are resampled by nearest neighbour
-    (pixel centres), so labels are never blended.
-
-    Randomness: each DataLoader worker reseeds the pipeline from its torch seed
-    (albumentations keeps its own generator, which forked workers would otherwise share).
-
-    Args:
-        ops: albumentations transforms; empty for none.
-        seed: seed for reproducible augmentation (combined with the worker seed).
-    """
-
-    def __init__(self, ops: Sequence[Any] = (), *, seed: int | None = None) -> None:
-        self.pipeline = SeededCompose(ops, seed=seed) if ops else None
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if image.shape[:2] != mask.shape[:2]:
-            raise ValueError(f"image size {image.shape[:2]} and mask size {mask.shape[:2]} differ")
-        if self.pipeline is not None:
-            out = self.pipeline(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        return _normalized(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(pipeline={self.pipeline!r})"
-
-
-def build_seg_transforms(
-    train: bool = True,
-    *,
-    crop_size: int = 512,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    base_size: int | None = None,
-    hflip_prob: float = 0.5,
-    resize: int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    seed: int | None = None,
-) -> SegmentationTransform:
-    """The training or evaluation transform for the segmentation data sets.
-
-    Training: (optionally) the short side to ``base_size``, a random rescale by a factor
-    drawn from ``scale_range``, padding to ``crop_size`` (image with 0, mask with
-    ``ignore_index``, on the bottom and right as torchvision's references pad), a random
-    ``crop_size`` square crop and a horizontal flip. With ``base_size`` this is
-    torchvision's ``RandomResize(0.5 * base, 2 * base)``; without, the scale is relative to
-    each image. Evaluation: no augmentation, or the short side resized to ``resize``.
-
-    Args:
-        train: the training transform (else the evaluation one).
-        crop_size: side of the square training crops.
-        scale_range: range of the random rescale factor.
-        base_size: short side before the rescale (``None``: the image's own).
-        hflip_prob: probability of a horizontal flip.
-        resize: evaluation only: short side to resize to (``None``: keep the size).
-        ignore_index: label that padded mask pixels get.
-        seed: makes augmentation reproducible; ``None`` draws fresh entropy.
-    """
-    for name, value in (("crop_size", crop_size), ("base_size", base_size), ("resize", resize)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    low, high = scale_range
-    if not 0 < low <= high:
-        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
-    if not 0.0 <= hflip_prob <= 1.0:
-        raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-    if not train:
-        return SegmentationTransform([A.SmallestMaxSize(max_size=resize)] if resize else [], seed=seed)
-    if resize is not None:
-        raise ValueError("resize is an evaluation option; training crops come from crop_size, base_size and scale_range")
-    ops: list[Any] = []
-    if base_size is not None:
-        ops.append(A.SmallestMaxSize(max_size=base_size))
-    ops += [
-        A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
-        A.PadIfNeeded(min_height=crop_size, min_width=crop_size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
-        A.RandomCrop(height=crop_size, width=crop_size),
-        A.HorizontalFlip(p=hflip_prob),
-    ]
-    return SegmentationTransform(ops, seed=seed)
-
-
-def collate_fn(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples of different sizes: images padded with 0, masks with 255 (torchvision's references).
-
-    Args:
-        batch: ``(image, mask)`` pairs as the data sets return them.
-
-    Returns:
-        ``(images (N, 3, H, W), masks (N, H, W))`` with H, W the largest of the batch.
-    """
-    images, masks = zip(*batch)
-    height = max(m.shape[-2] for m in masks)
-    width = max(m.shape[-1] for m in masks)
-    out_images = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    out_masks = masks[0].new_full((len(masks), height, width), IGNORE_INDEX)
-    for i, (image, mask) in enumerate(zip(images, masks)):
-        out_images[i, :, : image.shape[-2], : image.shape[-1]] = image
-        out_masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
-    return out_images, out_masks
-
-
-# ---------------------------------------------------------------------------------------------
-# Data sets
-
 
 class _SegmentationDataset(SkippingDataset):
     """What both layouts share: skipping unreadable samples, transforms, names."""
@@ -499,7 +226,7 @@ def scan_mask_labels(
     for image_id in ids[::step][:max_masks]:
         try:
             with Image.open(root / "SegmentationClass" / f"{image_id}.png") as png:
-                if png.mode not in _LABEL_MODES:
+                if png.mode not in LABEL_MODES:
                     continue
                 labels.update(int(v) for v in np.unique(np.asarray(png)))
                 read += 1
@@ -507,8 +234,6 @@ def scan_mask_labels(
             continue
     labels.discard(ignore_index)
     return labels, read
-
-
 # Image files a VOC-layout folder may hold (any case); VOC itself has .jpg only.
 VOC_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -627,7 +352,7 @@ class VOCSegmentation(_SegmentationDataset):
         try:
             with Image.open(path) as png:
                 png.load()
-                if png.mode not in _LABEL_MODES:
+                if png.mode not in LABEL_MODES:
                     raise _BadSample(f"mask {path.name} is a {png.mode} image; a label mask is a palette (P) or grayscale PNG of class indices",
                                      "mask that is not a label image (RGB, ...)")
                 values = np.asarray(png)
@@ -637,7 +362,7 @@ class VOCSegmentation(_SegmentationDataset):
             raise _BadSample(f"unreadable mask {path} ({type(exc).__name__}: {exc})", "unreadable mask") from None
         if values.shape != image.shape[:2]:
             raise _BadSample(f"mask {path.name} is {values.shape} but the image is {image.shape[:2]}", "mask whose size differs from its image's")
-        problem = _check_labels(values, self.num_classes, self.ignore_index)
+        problem = check_labels(values, self.num_classes, self.ignore_index)
         if problem:
             raise _BadSample(f"mask {path.name}: {problem}", "mask with labels outside the configured classes")
         return image, values.astype(np.uint8)
