@@ -8,7 +8,8 @@ PyTorch detector's call, so evaluation and inference take either.
 
 from .export import ExportError, export_detector, export_onnx, export_torchscript, quantize_onnx
 from .fast import optimize_for_inference
-from .predictor import OpenedModel, Prediction, Predictor, load_model, open_model, open_predictor
+from .opening import OpenedModel, load_model, open_model
+from .predictor import Prediction, Predictor, open_predictor
 from .runtime import ExportedDetector, load_exported
 
 __all__ = [

@@ -31,7 +31,7 @@ from classification.checkpoint import load_classifier, read_classifier_training_
 from detection.checkpoint import load_detector, read_training_state
 from deploy.files import TRAINING_KEYS, identify, kind_of
 from engine.files import atomic_save, container_of
-from deploy.predictor import load_model
+from deploy.opening import load_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -387,7 +387,8 @@ def test_infer_seg_refuses_what_it_cannot_run_in_one_line(deployed, tmp_path, ca
 
 
 def test_one_loader_opens_every_model_file_and_names_what_it_is(deployed, tmp_path):
-    from deploy.predictor import Predictor, open_model, open_predictor
+    from deploy.opening import open_model
+    from deploy.predictor import Predictor, open_predictor
     from detection import build_detector
     from detection.checkpoint import save_detector
     from engine.files import CheckpointError

@@ -49,7 +49,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from engine.roots import evaluation_data
     from detection.evaluation import evaluate, format_metrics, format_per_category
     from deploy.files import check_exported_flags
-    from deploy.predictor import Predictor, open_model
+    from deploy.opening import open_model
+    from deploy.predictor import Predictor
     from detection.postprocess import parse_test_options, set_test_options
 
     path = Path(args.checkpoint)

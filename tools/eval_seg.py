@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _load(args: argparse.Namespace) -> tuple:
     """The model to score and its device: whatever file ``deploy.open_model`` opens as a segmenter."""
-    from deploy.predictor import open_model
+    from deploy.opening import open_model
     from engine.config import ConfigError
 
     try:

@@ -117,7 +117,8 @@ def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
 
 
 def _predictor(args: argparse.Namespace):
-    from deploy.predictor import Predictor, open_model
+    from deploy.opening import open_model
+    from deploy.predictor import Predictor
     from detection.postprocess import parse_test_options, set_test_options
 
     test_options = parse_test_options(args)
