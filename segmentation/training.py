@@ -443,9 +443,7 @@ def train_segmenter(
 
     Args:
         cfg: a validated segmentation config (``segmentation.config.SEGMENTATION``).
-        resume: ``True`` to resume from ``output_dir/checkpoint.pth``, a path, or ``None``.
-        progress: show tqdm bars.
-        hooks: your own ``engine.runner.Hook`` s on the run's events (after step, checkpoint, evaluation, end).
+        resume, progress, hooks: as for ``engine.runner.train`` (``hooks``: your own events' hooks).
 
     Returns:
         ``{"iteration", "metrics" (the last evaluation), "seconds", "class_names"}``.

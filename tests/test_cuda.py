@@ -45,6 +45,33 @@ def _small_detector(arch: str, depth: int = 18, **kwargs) -> nn.Module:
     return build_detector(arch, backbone=f"resnet{depth}", num_classes=4, min_size=128, max_size=160, **SMALL[arch], **kwargs)
 
 
+def _amp_step(losses_of, keys, model, optimizer, scaler, device, dtype) -> torch.Tensor:
+    """One mixed-precision step as the runner takes it (scaled backward, unscale, clip, step); the unscaled gradient norm."""
+    with torch.autocast(device.type, dtype=dtype):
+        losses = losses_of()
+    assert set(losses) == set(keys), losses
+    loss = sum(v.float() for v in losses.values())
+    assert torch.isfinite(loss), {k: v.item() for k, v in losses.items()}
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm
+
+
+def _check_amp_steps(trainable, before, trunk_dtypes, norm, dtype) -> None:
+    """The trunk ran in ``dtype``, every trainable parameter got a finite fp32 gradient and moved."""
+    assert trunk_dtypes and set(trunk_dtypes) == {dtype}, f"trunk ran in {set(trunk_dtypes)}, expected {dtype} under autocast"
+    assert torch.isfinite(norm), f"the last step's unscaled gradient norm is {norm.item()} (step skipped by the scaler)"
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable.values())
+    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"the optimizer step left {len(unchanged)} parameters unchanged, e.g. {unchanged[:3]}"
+
+
 def _batch(device: torch.device, *, masks: bool, seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
     """Two images (landscape and portrait) with three boxes each, inside the image."""
     g = torch.Generator().manual_seed(seed)
@@ -84,25 +111,9 @@ def _train_steps(arch: str, depth: int, device: torch.device, dtype: torch.dtype
     hook = model.backbone.body.register_forward_hook(lambda mod, inp, out: trunk_dtypes.extend(v.dtype for v in out.values()))
     norm = torch.tensor(float("nan"))
     for _ in range(steps):
-        with torch.autocast(device.type, dtype=dtype):
-            losses = model(images, targets)
-        assert set(losses) == LOSS_KEYS[arch]
-        loss = sum(v.float() for v in losses.values())
-        assert torch.isfinite(loss), {k: v.item() for k, v in losses.items()}
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        scaler.step(optimizer)
-        scaler.update()
+        norm = _amp_step(lambda: model(images, targets), LOSS_KEYS[arch], model, optimizer, scaler, device, dtype)
     hook.remove()
-    assert trunk_dtypes and set(trunk_dtypes) == {dtype}, f"trunk ran in {set(trunk_dtypes)}, expected {dtype} under autocast"
-    assert torch.isfinite(norm), f"the last step's unscaled gradient norm is {norm.item()} (step skipped by the scaler)"
-    no_grad = [n for n, p in trainable.items() if p.grad is None]
-    assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable.values())
-    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
-    assert not unchanged, f"the optimizer step left {len(unchanged)} parameters unchanged, e.g. {unchanged[:3]}"
+    _check_amp_steps(trainable, before, trunk_dtypes, norm, dtype)
     if channels_last:
         conv = model.backbone.body.conv1.weight
         assert conv.is_contiguous(memory_format=torch.channels_last), "the optimizer step changed the weights' layout"
@@ -305,25 +316,9 @@ def _seg_train_steps(arch: str, depth: int, output_stride: int, device: torch.de
     hook = layer4.register_forward_hook(lambda mod, inp, out: trunk_dtypes.append(out.dtype))
     norm = torch.tensor(float("nan"))
     for _ in range(steps):
-        with torch.autocast(device.type, dtype=dtype):
-            terms = loss_model(images, masks)
-        assert set(terms) == {"loss_seg", "loss_aux"}, terms
-        loss = sum(v.float() for v in terms.values())
-        assert torch.isfinite(loss), {k: v.item() for k, v in terms.items()}
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        scaler.step(optimizer)
-        scaler.update()
+        norm = _amp_step(lambda: loss_model(images, masks), {"loss_seg", "loss_aux"}, model, optimizer, scaler, device, dtype)
     hook.remove()
-    assert trunk_dtypes and set(trunk_dtypes) == {dtype}, f"trunk ran in {set(trunk_dtypes)}, expected {dtype} under autocast"
-    assert torch.isfinite(norm), f"the last step's unscaled gradient norm is {norm.item()} (step skipped by the scaler)"
-    no_grad = [n for n, p in trainable.items() if p.grad is None]
-    assert not no_grad, f"parameters without a gradient: {no_grad[:5]}"
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable.values())
-    unchanged = [n for n, p in trainable.items() if torch.equal(p.detach(), before[n])]
-    assert not unchanged, f"the optimizer step left {len(unchanged)} parameters unchanged, e.g. {unchanged[:3]}"
+    _check_amp_steps(trainable, before, trunk_dtypes, norm, dtype)
 
 
 @pytest.mark.parametrize("arch, depth, output_stride", SEG_CASES)

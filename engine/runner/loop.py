@@ -213,15 +213,7 @@ def evaluate_run(task: Task, state: TrainState, data: TrainData, run: Run, metri
 
 
 def finish(task: Task, state: TrainState, data: TrainData, run: Run, metrics: MetricsLog, hooks: Sequence[Hook] = ()) -> dict[str, float]:
-    """Write the trained model first, then evaluate, then draw (curves, pictures).
-
-    Args:
-        task: the task.
-        state: the trained state.
-        data: the task's data.
-        run: the run.
-        metrics: where records go.
-        hooks: the run's hooks (``after_evaluation``, ``after_train``).
+    """Write the trained model first, then evaluate, then draw (curves, pictures); arguments as ``evaluate_run``'s.
 
     Returns:
         The final metrics.
