@@ -4,7 +4,7 @@ Runs each step as a subprocess with its own timeout, inside an overall budget (7
 minutes by default, so the whole check stays under 8); a step that fails or times out
 is recorded and the next one runs:
 
-  tests      pytest -m cuda tests/test_cuda.py tests/test_segmentation_training.py
+  tests      pytest -m cuda tests/test_cuda.py tests/segmentation/test_segmentation_training.py
   train      tools/train_det.py --backbone resnet18 --device cuda --amp --max-iters 300
              (the shapes recipe; evaluation only at the end)
   eval       tools/eval_coco.py on that run's model_final.pth, on CUDA
@@ -292,8 +292,8 @@ def build_steps(out: Path, python: str = sys.executable) -> list[Step]:
     latency = out / "latency.json"
     junit = tests_dir / "junit.xml"
     return [
-        Step("tests", "pytest -m cuda tests/test_cuda.py tests/test_segmentation_training.py",
-             [python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/test_segmentation_training.py", "-q", f"--junitxml={junit}"], 240,
+        Step("tests", "pytest -m cuda tests/test_cuda.py tests/segmentation/test_segmentation_training.py",
+             [python, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "tests/segmentation/test_segmentation_training.py", "-q", f"--junitxml={junit}"], 240,
              collect=lambda: pytest_results(junit), outputs=[tests_dir]),
         Step("train", f"shapes recipe, ResNet-18, --amp (fp16 + GradScaler), {TRAIN_ITERS} iterations",
              [python, "tools/train_det.py", "--backbone", "resnet18", "--device", "cuda", "--amp", "--max-iters", str(TRAIN_ITERS),

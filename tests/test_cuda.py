@@ -195,7 +195,7 @@ def test_cpu_fast_pooler_agrees_with_torchvisions_cuda_kernel():
 
 @pytest.fixture(scope="module")
 def overfit(overfit_detector):
-    """conftest's session model, as in tests/test_fast.py: a small Faster R-CNN overfitted on two shapes images
+    """conftest's session model, as in tests/deploy/test_fast.py: a small Faster R-CNN overfitted on two shapes images
     (on the CPU, so it is the same model every run), so it has confident detections."""
     return overfit_detector.model, overfit_detector.images
 
@@ -209,7 +209,7 @@ def _count_matches(reference: list[dict], candidate: list[dict]) -> tuple[int, i
 
 
 def _check_fast_path(model: nn.Module, images: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None) -> None:
-    """tests/test_fast.py's rule on ``device``: every eager detection with score >= 0.5 is matched by one of
+    """tests/deploy/test_fast.py's rule on ``device``: every eager detection with score >= 0.5 is matched by one of
     the same label with IoU >= 0.95. (On Ampere and later both sides run fp32 convolutions in TF32.)"""
     model = copy.deepcopy(model).to(device).eval()
     images = [img.to(device) for img in images]
@@ -279,7 +279,7 @@ def test_trained_checkpoint_from_cuda_detects_the_same_on_cpu(overfit, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Segmenters (tests/test_segmentation_training.py has more, and make check-gpu runs it too)
+# Segmenters (tests/segmentation/test_segmentation_training.py has more, and make check-gpu runs it too)
 
 # (arch, depth, output stride): every head, both dilations of DeepLabV3, and ResNet-34 once.
 SEG_CASES = [("deeplabv3", 18, 8), ("deeplabv3", 18, 16), ("fcn", 18, 8), ("semantic_fpn", 18, 32), ("deeplabv3", 34, 16)]

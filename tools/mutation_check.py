@@ -48,7 +48,7 @@ def load_mutations(path: Path) -> list[dict[str, Any]]:
 
 
 def tests_for(entry: dict[str, Any], root: Path) -> list[str]:
-    """The entry's tests, or every ``tests/test_*.py`` that names its module (``a/b.py`` -> ``a.b``).
+    """The entry's tests, or every ``tests/**/test_*.py`` that names its module (``a/b.py`` -> ``a.b``).
 
     Args:
         entry: one mutation.
@@ -57,7 +57,7 @@ def tests_for(entry: dict[str, Any], root: Path) -> list[str]:
     if entry.get("tests"):
         return list(entry["tests"])
     module = entry["file"].removesuffix(".py").replace("/", ".")
-    return sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py") if module in p.read_text(encoding="utf-8"))
+    return sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py") if module in p.read_text(encoding="utf-8"))
 
 
 def check_entry(entry: dict[str, Any], root: Path) -> str:

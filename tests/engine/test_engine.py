@@ -17,7 +17,7 @@ from detection.checkpoint import read_checkpoint, read_training_state
 from detection.config import apply_overrides, load_config
 from helpers import records
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "shapes_train=16", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",
     "log_period=1", "workers=0", "warmup_iters=2", "batch_size=2", "num_vis=1",
@@ -141,7 +141,7 @@ def test_a_fresh_run_in_a_used_folder_starts_its_ownrecords(tmp_path):
     assert not any((run.out / name).exists() for name in runner.RECORD_FILES)
 
 
-# The epoch of every record under max_iters: tests/test_own_data.py (test_metrics_epoch_under_max_iters_and_parameter_counts),
+# The epoch of every record under max_iters: tests/detection/test_own_data.py (test_metrics_epoch_under_max_iters_and_parameter_counts),
 # the same run with the parameter counts checked too.
 
 

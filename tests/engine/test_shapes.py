@@ -18,7 +18,7 @@ from detection.data import CocoDetection
 
 from engine import shapes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _digests(root: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from segmentation.evaluation import evaluate_segmenter, seg_metrics
 from helpers import records
 from segmentation.training import TASK, SegmentationLoss, evaluation_dataset, preflight_seg, resolve_seg_data, train_segmenter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "shapes_train=16", "shapes_val=4", "shapes_size=64", "crop_size=64", "batch_size=4", "val_batch_size=4",
     "workers=0", "log_period=1", "warmup_iters=2", "num_vis=2", "amp=false", "channels_last=false",
@@ -62,7 +62,7 @@ def test_poly_schedule_is_torchvisions_after_the_warm_up():
 def test_every_segmentation_recipe_loads_and_the_gpu_ones_carry_torchvisions_settings():
     recipes = {r["name"]: r for r in list_recipes("segmentation")}
     assert "seg_shapes_semantic_fpn_r18" in recipes and all(r["description"] for r in recipes.values())
-    gpu = [name for name in recipes if "shapes" not in name and not name.endswith("_cpu")]  # the CPU recipes: tests/test_recipes.py
+    gpu = [name for name in recipes if "shapes" not in name and not name.endswith("_cpu")]  # the CPU recipes: tests/engine/test_recipes.py
     assert {"seg_deeplabv3_r18_voc", "seg_deeplabv3_r34_voc", "seg_fcn_r18_voc", "seg_semantic_fpn_r18_coco"} <= set(gpu)
     for name in recipes:
         load_config(name, schema=SEGMENTATION)
@@ -230,10 +230,10 @@ def test_two_ranks_score_disjoint_halves_and_agree_with_one_process(tmp_path):
     import subprocess
     import sys
 
-    tests = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent
     script = tmp_path / "two_ranks.py"
     script.write_text(
-        f"import sys\nsys.path[:0] = [{str(tests)!r}, {str(tests.parent)!r}]\n"
+        f"import sys\nsys.path[:0] = [{str(here)!r}, {str(here.parent)!r}, {str(here.parents[1])!r}]\n"
         "import torch.multiprocessing as mp\nfrom test_segmentation_training import _eval_rank\n"
         "if __name__ == '__main__':\n"
         f"    mp.start_processes(_eval_rank, args=({str(tmp_path / 'init')!r}, {out!r}), nprocs=2, start_method='spawn')\n"
@@ -426,7 +426,7 @@ def test_checkpoint_of_another_task_is_refused_for_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA (make check-gpu: pytest -m cuda tests/test_segmentation_training.py); skipped without a GPU
+# CUDA (make check-gpu: pytest -m cuda tests/segmentation/test_segmentation_training.py); skipped without a GPU
 
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make check-gpu runs these)")]
 

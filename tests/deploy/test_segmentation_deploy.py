@@ -3,7 +3,7 @@
 ONNX and TorchScript export with dynamic sizes, ONNX Runtime and OpenVINO (fp32 and int8)
 behind the eager segmenter's call, mIoU measured on each exported file by
 ``tools/eval_seg.py --runtime``, bad input as one error line, the segmenter benchmark rows,
-and the GPU check's segmentation step (its figures faked, as tests/test_check_gpu.py does).
+and the GPU check's segmentation step (its figures faked, as tests/devtools/test_check_gpu.py does).
 Tiny models at 64-100 px; every export here is done once.
 """
 
@@ -269,7 +269,7 @@ def test_seg_benchmark_rows_at_the_smallest_size(tmp_path, monkeypatch):
     trained = save_segmenter(_segmenter("fcn", num_classes=7), tmp_path / "fcn_run" / "model_final.pth", class_names=SHAPES_SEG_CLASSES)
     tool = load_tool("benchmark")
     # --in-process: each candidate timed here, not in a spawned process (~5 s of imports each; the spawned path
-    # itself is tests/test_benchmark.py's).
+    # itself is tests/deploy/test_benchmark.py's).
     assert tool.main(["--only", "seg", "--quick", "--size", "32", "--depths", "18", "--reps", "1", "--warmup", "0",
                       "--in-process", "--output-dir", str(tmp_path), "--checkpoints", str(trained)]) == 0
     rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
@@ -302,7 +302,7 @@ def test_gpu_check_trains_the_shapes_seg_recipe_and_reads_its_figures(tmp_path):
     from devtools import gpu_check as cg
 
     steps = {s.name: s for s in cg.build_steps(tmp_path, "python")}
-    assert "tests/test_segmentation_training.py" in steps["tests"].cmd  # the segmenters' own CUDA tests run too
+    assert "tests/segmentation/test_segmentation_training.py" in steps["tests"].cmd  # the segmenters' own CUDA tests run too
     seg = steps["seg"].cmd
     assert seg[1] == "tools/train_seg.py" and seg[seg.index("--config") + 1] == cg.SEG_RECIPE
     assert (REPO / "configs" / f"{cg.SEG_RECIPE}.yaml").is_file()

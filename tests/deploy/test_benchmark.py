@@ -18,9 +18,9 @@ def test_a_candidate_is_timed_in_a_process_of_its_own():
 def test_quick_benchmark_writes_every_row(tmp_path):
     # --in-process: every detector candidate is timed in the tool's process, not in one of its own (the test
     # above runs that path once): a new process is ~5 s of imports, for twenty-odd candidates.
-    # The segmenter rows have their own test (tests/test_segmentation_deploy.py).
+    # The segmenter rows have their own test (tests/deploy/test_segmentation_deploy.py).
     proc = run_tool(["tools/benchmark.py", "--quick", "--size", "64", "--depths", "18", "--reps", "1", "--warmup", "0", "--in-process",
-                     "--archs", "faster_rcnn",  # Mask R-CNN's rows come from the same code (its export: tests/test_export.py)
+                     "--archs", "faster_rcnn",  # Mask R-CNN's rows come from the same code (its export: tests/deploy/test_export.py)
                      "--only", "backbone", "detector", "train", "eval", "--output-dir", str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert " failed: " not in proc.stderr, proc.stderr[-3000:]  # a candidate that failed is logged and left out of the rows

@@ -184,8 +184,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
 
 
-# Mask R-CNN training and segm evaluation end to end: tests/test_mask_recipe.py (a two-iteration run of the
-# CLI, its segm detections decoded and its metrics); the default mask head training: tests/test_models.py.
+# Mask R-CNN training and segm evaluation end to end: tests/detection/test_mask_recipe.py (a two-iteration run of the
+# CLI, its segm detections decoded and its metrics); the default mask head training: tests/detection/test_models.py.
 
 
 # Non-finite losses skipped, then the run stopped naming the term and the last good checkpoint:

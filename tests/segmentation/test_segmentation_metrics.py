@@ -125,7 +125,7 @@ def test_two_ranks_sum_their_matrices(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS.format(target=TARGET.tolist(), pred=PRED.tolist()))
     out = str(tmp_path / "mat")
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "init"), out], cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -32,7 +32,7 @@ def _targets(masks=False):
     return targets
 
 
-# Both heads on ResNet-18, the deeper trunk once: tests/test_fpn.py checks its trunk and pyramid against torchvision's.
+# Both heads on ResNet-18, the deeper trunk once: tests/backbones/test_fpn.py checks its trunk and pyramid against torchvision's.
 @pytest.mark.parametrize("depth, arch, tv_cls", [(18, "faster_rcnn", FasterRCNN), (18, "mask_rcnn", MaskRCNN), (34, "faster_rcnn", FasterRCNN)])
 def test_parity_with_torchvision(arch, tv_cls, depth):
     torch.manual_seed(0)

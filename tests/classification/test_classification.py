@@ -392,7 +392,7 @@ def _main(args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> i
     ],
 )
 def test_bad_invocations_are_one_error_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
-    # In this process (a new interpreter for each was 8 x 5 s of imports); tests/test_tools.py runs tools as users do.
+    # In this process (a new interpreter for each was 8 x 5 s of imports); tests/detection/test_tools.py runs tools as users do.
     assert _main(args, tmp_path, monkeypatch) == 2
     assert message in one_error_line(capsys.readouterr().err)
 

@@ -149,6 +149,6 @@ def test_two_openvino_files_dropped_in_order_leave_signals_working(exported, tmp
 
     script = tmp_path / "two_files.py"
     script.write_text(_TWO_OPENVINO_FILES)
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(script), str(exported[2])], cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr[-2000:])
