@@ -238,7 +238,7 @@ def test_two_ranks_score_disjoint_halves_and_agree_with_one_process(tmp_path):
         "if __name__ == '__main__':\n"
         f"    mp.start_processes(_eval_rank, args=({str(tmp_path / 'init')!r}, {out!r}), nprocs=2, start_method='spawn')\n"
     )
-    proc = subprocess.run([sys.executable, str(script)], cwd=tests.parent, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script)], cwd=here.parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = _samples()
     single = evaluate_segmenter(_Oracle([m if i % 3 else m * 0 for i, (_, m) in enumerate(samples)], 3), samples, num_classes=3)
