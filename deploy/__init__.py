@@ -10,6 +10,7 @@ from .export import ExportError, export_detector, export_onnx, export_torchscrip
 from .fast import optimize_for_inference
 from .opening import OpenedModel, load_model, open_model
 from .predictor import Prediction, Predictor, open_predictor
+from .seg_predictor import SegmentationPredictor, SegmentationResult
 from .runtime import ExportedDetector, load_exported
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "OpenedModel",
     "Prediction",
     "Predictor",
+    "SegmentationPredictor",
+    "SegmentationResult",
     "export_detector",
     "export_onnx",
     "export_torchscript",

@@ -114,7 +114,7 @@ def open_predictor(
         return Predictor(opened, score_thresh=score_thresh, fast=fast, dtype=dtype)
     if fast or dtype is not None:
         raise ValueError("fast and dtype (--fast, --dtype) are for detectors; a segmenter checkpoint runs as trained (eval_seg.py: --amp)")
-    from segmentation.predict import SegmentationPredictor
+    from .seg_predictor import SegmentationPredictor
 
     return SegmentationPredictor(opened.model, device=str(opened.device), resize=resize)
 

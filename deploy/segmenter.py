@@ -11,7 +11,7 @@ std, the input convention, architecture, backbone, output stride, the size it wa
 traced at, opset, precision, build arguments and the checkpoint's training config
 (``deploy.onnx_meta.read_metadata``). ``deploy.runtime.load_exported`` runs such a file
 behind the eager model's own call (normalised batch in, ``{"out": logits}`` out), so
-``segmentation.evaluation`` and ``segmentation.predict`` take it unchanged.
+``segmentation.evaluation`` and ``deploy.seg_predictor`` take it unchanged.
 
 Export uses torch's TorchScript-based exporter (``dynamo=False``), as for detectors.
 Batch, height and width are dynamic axes; every resize inside the models takes its

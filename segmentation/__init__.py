@@ -20,7 +20,6 @@ from .data import (
 )
 from .metrics import ConfusionMatrix
 from .models import ARCHS, BACKBONES, OUTPUT_STRIDES, build_segmenter, check_segmenter_options, rebuild_segmenter
-from .predict import SegmentationPredictor, SegmentationResult
 from .evaluation import evaluate_segmenter, format_seg_metrics
 from .training import TASK, preflight_seg, train_segmenter
 from .visualize import colorize, draw_segmentation, save_class_map, voc_palette
@@ -42,8 +41,6 @@ __all__ = [
     "VOC_CLASSES",
     "CocoSegmentation",
     "ConfusionMatrix",
-    "SegmentationPredictor",
-    "SegmentationResult",
     "VOCSegmentation",
     "build_seg_transforms",
     "build_segmenter",

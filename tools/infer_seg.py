@@ -44,7 +44,7 @@ def work(args: argparse.Namespace) -> int:
     from engine.plots import save_image
     from deploy.predictor import open_predictor
     from segmentation import draw_segmentation, save_class_map
-    from segmentation.predict import read_image_exif
+    from deploy.seg_predictor import read_image_exif
 
     out = Path(args.output)
     check_output_folder(out, what="--output")

@@ -22,7 +22,8 @@ from deploy.files import FileFormatError, identify, kind_of
 from deploy.runtime import ExportedSegmenter, load_exported
 from deploy.segmenter import seg_calibration_images
 from engine.images import read_image_rgb
-from segmentation import SHAPES_SEG_CLASSES, CocoSegmentation, SegmentationPredictor, build_segmenter, load_segmenter, make_shapes, save_segmenter
+from deploy import SegmentationPredictor
+from segmentation import SHAPES_SEG_CLASSES, CocoSegmentation, build_segmenter, load_segmenter, make_shapes, save_segmenter
 from segmentation.checkpoint import SEGMENTER_TRAINING_KEYS
 from helpers import REPO, load_tool, one_error_line, random_statistics
 

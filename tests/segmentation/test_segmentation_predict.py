@@ -7,7 +7,7 @@ from PIL import Image
 
 from segmentation import build_segmenter, save_segmenter
 from segmentation.data import VOCSegmentation
-from segmentation.predict import SegmentationPredictor
+from deploy.seg_predictor import SegmentationPredictor
 from segmentation.visualize import colorize, draw_segmentation, save_class_map, voc_palette
 
 NAMES = ["__background__", "cat", "dog"]

@@ -136,7 +136,7 @@ def _noise(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def test_infer_seg_draws_overlays_and_class_maps_for_a_folder(trained: Path, tmp_path, capsys) -> None:
-    from segmentation import SegmentationPredictor
+    from deploy import SegmentationPredictor
 
     src = tmp_path / "pics"
     (src / "sub").mkdir(parents=True)

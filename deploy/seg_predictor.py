@@ -19,10 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
-from engine.images import image_to_tensor
-
-from .checkpoint import load_segmenter
-from engine.images import IMAGENET_MEAN, IMAGENET_STD
+from engine.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor
+from segmentation.checkpoint import load_segmenter
 
 __all__ = ["SegmentationPredictor", "SegmentationResult", "read_image_exif"]
 
