@@ -6,9 +6,13 @@ Shared by the inference tools of every task (``tools/infer.py``, ``tools/infer_s
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["check_output_folder", "image_files"]
+from engine.plots import save_image
+
+__all__ = ["check_output_folder", "image_files", "left_out_note", "predict_files"]
 
 
 def check_output_folder(out: Path, *, what: str = "output") -> None:
@@ -77,3 +81,54 @@ def image_files(src: Path, out_dir: Path, *, what: str = "input") -> tuple[list[
     if not found:
         raise FileNotFoundError(f"no images PIL can read in {src} or its subfolders")
     return found, left_out
+
+
+def left_out_note(src: str | os.PathLike, images: int, left_out: Sequence[str]) -> str | None:
+    """What ``image_files`` left out of a folder, for the user (``None`` when nothing was).
+
+    Args:
+        src: the folder given.
+        images: how many images were found.
+        left_out: ``image_files``'s second result.
+    """
+    if not left_out:
+        return None
+    shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
+    return (f"{src}: {images} images; left out {len(left_out)} entries that are not images by their extension, "
+            f"hidden, or the output folder: {shown}")
+
+
+def predict_files(
+    paths: Sequence[tuple[Path, str]],
+    out_dir: Path,
+    *,
+    read: Callable[[Path], Any],
+    predict: Callable[[Any, str], tuple[Any, Any, str]],
+    say: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every task's picture loop: read each file, run the model, write ``OUT/<name>.png``; a file that will not read is skipped.
+
+    Args:
+        paths: ``(path, name)`` pairs from ``image_files``.
+        out_dir: where the pictures go (``<name>.png``; folders made as needed).
+        read: a path to the image the model takes (raises for a file that is no image).
+        predict: ``(image, name) -> (picture CHW uint8, JSON record, one line for the user)``.
+        say: where the per-image lines go (a tool passes ``print``).
+        warn: where the skipped files are named.
+
+    Returns:
+        ``{name: record}`` of the images that were read.
+    """
+    results = {}
+    for path, name in paths:
+        try:
+            image = read(path)
+        except Exception as e:  # noqa: BLE001  (PIL raises several types for corrupt files)
+            warn(f"skipping unreadable {path}: {type(e).__name__}: {e}")
+            continue
+        picture, record, line = predict(image, name)
+        save_image(picture, out_dir / f"{name}.png")  # whole or not at all; makes the folders it needs
+        results[name] = record
+        say(line)
+    return results

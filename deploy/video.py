@@ -26,15 +26,42 @@ from typing import Any
 
 import numpy as np
 
-from .sources import DEFAULT_FPS, Frame, FrameSource, cv2_module
+from .sources import DEFAULT_FPS, Frame, FrameSource, cv2_module, open_frame_folder, open_source
 
-__all__ = ["VIDEO_NAME", "JSONL_NAME", "frame_record", "VideoRun", "annotate_video", "StopRequest", "STOP_SIGNALS", "stop_on_signals"]
+__all__ = ["VIDEO_OPTIONS", "check_video_options", "open_video_input", "VIDEO_NAME", "JSONL_NAME", "frame_record", "VideoRun", "annotate_video", "StopRequest", "STOP_SIGNALS", "stop_on_signals"]
 
 log = logging.getLogger(__name__)
 
 VIDEO_NAME = "annotated.mp4"
 JSONL_NAME = "detections.jsonl"
 STOP_SIGNALS = ("SIGINT", "SIGTERM")
+# The options of a video run, with their smallest value (fps: above 0), as the tools' --fps, --max-frames, ... flags.
+VIDEO_OPTIONS = {"fps": 0.0, "max_frames": 1, "reconnect": 0, "requests": 1, "streams": 1, "prefetch": 0}
+
+
+def check_video_options(options: dict[str, Any], *, video: bool, runtime: str | None, input: str) -> None:
+    """Check a video run's options before any work: only for a video input, in range, requests for OpenVINO only.
+
+    Args:
+        options: ``VIDEO_OPTIONS`` keys to values (``None``: not given).
+        video: whether the input is a video, camera, stream or frame folder.
+        runtime: the runtime chosen (``--requests`` / ``--streams`` are OpenVINO's).
+        input: what the user gave, for messages.
+
+    Raises:
+        ValueError: naming the flag, its value and what it must be.
+    """
+    given = [f"--{name.replace('_', '-')}" for name in VIDEO_OPTIONS if options.get(name) is not None]
+    if given and not video:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for videos, cameras, streams and --frames folders; "
+                         f"--input {input} is read as images")
+    for name, low in VIDEO_OPTIONS.items():
+        value = options.get(name)
+        if value is not None and (value < low or (name == "fps" and value == 0)):
+            bound = "> 0" if name == "fps" else f">= {low}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+    if ((options.get("requests") or 1) > 1 or options.get("streams")) and runtime != "openvino":
+        raise ValueError("--requests and --streams are for --runtime openvino (an exported .onnx file); other runtimes run one frame at a time")
 
 
 class _VideoFile:
@@ -275,3 +302,23 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def open_video_input(spec: str, kind: str, out_dir: Path, *, fps: float | None = None, reconnect: int | None = None) -> FrameSource:
+    """The frame source of a video run's input, refusing an output folder that would overwrite it.
+
+    Args:
+        spec: what the user gave (``--input``).
+        kind: ``input_kind``'s answer: ``"frames"``, ``"video"``, ``"camera"`` or ``"stream"``.
+        out_dir: the output folder (a frame folder's own files in it are left out).
+        fps: a frame folder's frame rate (default ``DEFAULT_FPS``).
+        reconnect: reopenings of a live source that drops (default 3).
+
+    Raises:
+        ValueError: the annotated video would overwrite the input file.
+    """
+    if kind == "frames":
+        return open_frame_folder(Path(spec), what="--input", fps=fps or DEFAULT_FPS, exclude=out_dir)
+    if kind == "video" and Path(spec).resolve() == (out_dir / VIDEO_NAME).resolve():
+        raise ValueError(f"--output {out_dir} would overwrite the input {spec} with the annotated video: pick another folder")
+    return open_source(spec, what="--input", reconnect=3 if reconnect is None else reconnect)

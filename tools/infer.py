@@ -30,13 +30,10 @@ from pathlib import Path
 
 from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
 from deploy.files import add_runtime_args, check_exported_flags
-from deploy.inputs import check_output_folder, image_files
+from deploy.inputs import check_output_folder, image_files, left_out_note, predict_files
 from deploy.sources import DEFAULT_FPS, input_kind
-from deploy.video import VIDEO_NAME
+from deploy.video import VIDEO_OPTIONS, check_video_options, open_video_input
 from detection.postprocess import add_test_option_args
-
-VIDEO_FLAGS = ("fps", "max_frames", "reconnect", "requests", "streams", "prefetch")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,11 +74,11 @@ def _infer(args: argparse.Namespace) -> int:
             raise ValueError(f"--score-thresh must be in [0, 1], got {args.score_thresh}")
         check_output_folder(out_dir, what="--output")
         kind = input_kind(args.input, frames=args.frames)
-        _check_video_flags(args, video=kind != "images")
+        check_video_options({k: getattr(args, k) for k in VIDEO_OPTIONS}, video=kind != "images", runtime=args.runtime, input=args.input)
         if kind == "images":
             paths, left_out = image_files(Path(args.input), out_dir, what="--input")
         else:
-            source = _open_video(args, kind, out_dir)
+            source = open_video_input(args.input, kind, out_dir, fps=args.fps, reconnect=args.reconnect)
         predictor = _predictor(args)
     except (*USER_ERRORS, ValueError, ImportError) as e:
         if source is not None:
@@ -90,30 +87,6 @@ def _infer(args: argparse.Namespace) -> int:
     if source is not None:
         return _video(args, predictor, source, out_dir)
     return _images(args, predictor, paths, left_out, out_dir)
-
-
-def _check_video_flags(args: argparse.Namespace, *, video: bool) -> None:
-    given = [f"--{name.replace('_', '-')}" for name in VIDEO_FLAGS if getattr(args, name) is not None]
-    if given and not video:
-        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for videos, cameras, streams and --frames folders; "
-                         f"--input {args.input} is read as images")
-    for name, low in (("fps", 0.0), ("max_frames", 1), ("reconnect", 0), ("requests", 1), ("streams", 1), ("prefetch", 0)):
-        value = getattr(args, name)
-        if value is not None and (value < low or (name == "fps" and value == 0)):
-            bound = "> 0" if name == "fps" else f">= {low}"
-            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
-    if ((args.requests or 1) > 1 or args.streams) and args.runtime != "openvino":
-        raise ValueError("--requests and --streams are for --runtime openvino (an exported .onnx file); other runtimes run one frame at a time")
-
-
-def _open_video(args: argparse.Namespace, kind: str, out_dir: Path):
-    from deploy.sources import open_frame_folder, open_source
-
-    if kind == "frames":
-        return open_frame_folder(Path(args.input), what="--input", fps=args.fps or DEFAULT_FPS, exclude=out_dir)
-    if kind == "video" and Path(args.input).resolve() == (out_dir / VIDEO_NAME).resolve():
-        raise ValueError(f"--output {out_dir} would overwrite the input {args.input} with the annotated video: pick another folder")
-    return open_source(args.input, what="--input", reconnect=3 if args.reconnect is None else args.reconnect)
 
 
 def _predictor(args: argparse.Namespace):
@@ -147,32 +120,23 @@ def _video(args: argparse.Namespace, predictor, source, out_dir: Path) -> int:
 
 
 def _images(args: argparse.Namespace, predictor, paths: list[tuple[Path, str]], left_out: list[str], out_dir: Path) -> int:
+    from detection.visualize import draw_detections
     from engine.files import atomic_write_text
     from engine.images import image_to_tensor, read_image_rgb
-    from detection.visualize import draw_detections
-    from engine.plots import save_image
 
-    if left_out:
-        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-        print(f"{args.input}: {len(paths)} images; left out {len(left_out)} entries that are not images by their "
-              f"extension, hidden, or the output folder: {shown}")
-    results = {}
-    for path, name in paths:
-        try:
-            image = image_to_tensor(read_image_rgb(path))
-        except Exception as e:  # noqa: BLE001  (PIL raises several types for corrupt files)
-            print(f"skipping unreadable {path}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
+    def predict(image, name: str):
         prediction = predictor(image)
-        picture = draw_detections(image, prediction.raw, predictor.class_names, score_thresh=args.score_thresh)
-        save_image(picture, out_dir / f"{name}.png")  # makes the folders it needs
-        results[name] = prediction.to_list()
         if len(prediction):
-            print(f"{name}: {len(prediction)} detections")
+            line = f"{name}: {len(prediction)} detections"
         else:
             best = float(prediction.raw["scores"].max()) if len(prediction.raw["scores"]) else None
-            hint = f"highest score {best:.3f}" if best is not None else "the model returned no candidates"
-            print(f"{name}: 0 detections at --score-thresh {args.score_thresh} ({hint})")
+            line = f"{name}: 0 detections at --score-thresh {args.score_thresh} ({f'highest score {best:.3f}' if best is not None else 'the model returned no candidates'})"
+        return draw_detections(image, prediction.raw, predictor.class_names, score_thresh=args.score_thresh), prediction.to_list(), line
+
+    if left_out:
+        print(left_out_note(args.input, len(paths), left_out))
+    results = predict_files(paths, out_dir, read=lambda p: image_to_tensor(read_image_rgb(p)), predict=predict, say=print,
+                            warn=lambda m: print(m, file=sys.stderr))
     if not results:
         return fail(f"none of the {len(paths)} inputs could be read as an image")
     atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1, ensure_ascii=False))

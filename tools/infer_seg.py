@@ -38,10 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def work(args: argparse.Namespace) -> int:
-    from deploy.inputs import check_output_folder, image_files
+    from deploy.inputs import check_output_folder, image_files, left_out_note, predict_files
     from engine.config import ConfigError
     from engine.files import atomic_write_text
-    from engine.plots import save_image
     from deploy.predictor import open_predictor
     from segmentation import draw_segmentation, save_class_map
     from deploy.seg_predictor import read_image_exif
@@ -56,24 +55,18 @@ def work(args: argparse.Namespace) -> int:
     predictor = open_predictor(args.checkpoint, task="segmentation", runtime=args.runtime, precision=args.precision,
                                device=args.device, resize=args.resize)
     if left_out:
-        shown = ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else "")
-        print(f"{args.input}: {len(files)} images; left out {len(left_out)} entries that are not images by their extension, "
-              f"hidden, or the output folder: {shown}")
-    summary = {}
-    for path, name in files:
-        try:
-            image = read_image_exif(path)
-        except ValueError as e:  # a corrupt file among good ones: say so, go on
-            print(f"skipping {e}", file=sys.stderr)
-            continue
+        print(left_out_note(args.input, len(files), left_out))
+
+    def predict(image, name: str):
         result = predictor(image)
-        picture = draw_segmentation(image, result.class_map, class_names=predictor.class_names, alpha=args.alpha)
-        save_image(picture, out / f"{name}.png")  # whole or not at all; makes the folders it needs
         if args.masks:
             save_class_map(out / f"{name}.mask.png", result.class_map)
-        summary[name] = result.to_dict()
-        shares = [f"{c['name']} {100 * c['fraction']:.1f}%" for c in summary[name]["classes"] if c["label"] != 0]
-        print(f"{name}: {', '.join(shares) or 'background only'}")
+        record = result.to_dict()
+        shares = [f"{c['name']} {100 * c['fraction']:.1f}%" for c in record["classes"] if c["label"] != 0]
+        picture = draw_segmentation(image, result.class_map, class_names=predictor.class_names, alpha=args.alpha)
+        return picture, record, f"{name}: {', '.join(shares) or 'background only'}"
+
+    summary = predict_files(files, out, read=read_image_exif, predict=predict, say=print, warn=lambda m: print(m, file=sys.stderr))
     if not summary:
         raise ValueError(f"none of the {len(files)} inputs could be read as an image")
     atomic_write_text(out / "segmentation.json", json.dumps(summary, indent=1, ensure_ascii=False))
