@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "architecture.md"
 
 

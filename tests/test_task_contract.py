@@ -19,7 +19,6 @@ from engine import runner
 from helpers import json_lines
 from engine.config import apply_overrides, load_config
 
-REPO = Path(__file__).resolve().parent.parent
 CONTRACT = ("TASK", "train", "preflight", "evaluate", "format_metrics", "save_model", "load_model")
 
 

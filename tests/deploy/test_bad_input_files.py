@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_DET = ["shapes_train=4", "shapes_val=2", "shapes_size=64", "min_size=64", "max_size=64", "workers=0", "warmup_iters=0", "num_vis=0"]
 
 

@@ -13,7 +13,6 @@ from PIL import Image
 
 from detection import build_detector, save_detector
 
-REPO = Path(__file__).resolve().parents[2]
 MAPPING = {"cat_ids": [7, 3], "names": ["猫", "dog"]}
 
 

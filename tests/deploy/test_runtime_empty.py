@@ -11,6 +11,8 @@ of 1.0 so that nothing is ever detected.
 import pytest
 import torch
 
+from helpers import REPO
+
 from detection import ARCHS, build_detector
 from deploy.export import export_onnx, export_torchscript
 from deploy.runtime import load_exported
@@ -145,10 +147,9 @@ def test_two_openvino_files_dropped_in_order_leave_signals_working(exported, tmp
     pytest.importorskip("openvino")
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "two_files.py"
     script.write_text(_TWO_OPENVINO_FILES)
-    repo = Path(__file__).resolve().parents[2]
+    repo = REPO
     proc = subprocess.run([sys.executable, str(script), str(exported[2])], cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr[-2000:])

@@ -19,9 +19,8 @@ from detection.checkpoint import read_checkpoint
 from detection.config import load_config
 from engine.images import image_to_tensor, read_image_rgb
 from detection.models import rebuild_detector
-from helpers import run_tool
+from helpers import REPO, run_tool
 
-REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "shapes_mask_rcnn_r18_fpn.yaml"
 TINY = [
     "shapes_train=16", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",

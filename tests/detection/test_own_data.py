@@ -27,7 +27,6 @@ from engine.roots import find_splits
 from detection.evaluation import coco_evaluate, evaluate
 from helpers import run_tool
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "shapes_train=8", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",
     "log_period=1", "workers=0", "warmup_iters=2",

@@ -8,12 +8,11 @@ import yaml
 
 from detection.config import DEFAULTS, ConfigError, apply_overrides, load_config
 from engine.runner import build_scheduler
-from pathlib import Path
+from helpers import REPO
 
-ALL_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 CONFIGS = [p for p in ALL_CONFIGS if not p.name.startswith(("cls_", "seg_"))]
 CLS_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("cls_")]
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -23,7 +22,7 @@ def test_every_shipped_recipe_loads(path):
 
 
 def test_coco_1x_recipe_is_the_standard_one():
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "faster_rcnn_r18_fpn_1x_coco.yaml")
+    cfg = load_config(REPO / "configs" / "faster_rcnn_r18_fpn_1x_coco.yaml")
     assert (cfg["epochs"], cfg["lr"], cfg["lr_reference_batch"], cfg["lr_steps"]) == (12, 0.02, 16, [8, 11])
     assert (cfg["momentum"], cfg["weight_decay"], cfg["warmup_iters"]) == (0.9, 1e-4, 500)
     assert (cfg["min_size"], cfg["max_size"], cfg["augment"], cfg["weights_backbone"], cfg["trainable_layers"]) == (800, 1333, "hflip", "imagenet", 3)

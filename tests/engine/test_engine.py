@@ -15,9 +15,8 @@ from detection.training import TASK
 from engine import runner
 from detection.checkpoint import read_checkpoint, read_training_state
 from detection.config import apply_overrides, load_config
-from helpers import records
+from helpers import REPO, records
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "shapes_train=16", "shapes_val=4", "shapes_size=64", "min_size=64", "max_size=64",
     "log_period=1", "workers=0", "warmup_iters=2", "batch_size=2", "num_vis=1",

@@ -17,8 +17,8 @@ from engine.shapes import SHAPES_CLASSES
 from detection.data import CocoDetection
 
 from engine import shapes
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _digests(root: Path) -> dict[str, str]:

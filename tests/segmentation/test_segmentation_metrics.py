@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from helpers import REPO
+
 from segmentation.metrics import ConfusionMatrix
 
 # Ground truth and prediction of 10 pixels (255: ignored).
@@ -120,12 +122,11 @@ def test_two_ranks_sum_their_matrices(tmp_path):
     # spawned), they crashed the whole run with SIGSEGV in a fresh-clone CI run.
     import subprocess
     import sys
-    from pathlib import Path
 
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS.format(target=TARGET.tolist(), pred=PRED.tolist()))
     out = str(tmp_path / "mat")
-    repo = Path(__file__).resolve().parents[2]
+    repo = REPO
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "init"), out], cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -22,7 +22,6 @@ from segmentation.evaluation import evaluate_segmenter, seg_metrics
 from helpers import records
 from segmentation.training import TASK, SegmentationLoss, evaluation_dataset, preflight_seg, resolve_seg_data, train_segmenter
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "shapes_train=16", "shapes_val=4", "shapes_size=64", "crop_size=64", "batch_size=4", "val_batch_size=4",
     "workers=0", "log_period=1", "warmup_iters=2", "num_vis=2", "amp=false", "channels_last=false",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from workflows.transfer import ARMS, run_transfer_demo
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 
 DET = ["shapes_train=6", "shapes_val=2", "shapes_size=64", "min_size=64", "max_size=64", "workers=0", "batch_size=2",
        "max_iters=2", "epochs=1", "num_vis=0", "warmup_iters=1"]
