@@ -36,7 +36,7 @@ from .logs import setup_logging
 from .runner import NonFiniteLossError
 
 __all__ = [
-    "DEVICES", "DTYPES", "USER_ERRORS", "add_train_flags", "fail", "init_device", "parse_dtype", "recipe_table", "training_summary", "removed_on_failure",
+    "DEVICES", "DTYPES", "USER_ERRORS", "add_eval_flags", "add_train_flags", "fail", "init_device", "parse_dtype", "recipe_table", "training_summary", "removed_on_failure",
     "run_tool", "train_overrides",
 ]
 
@@ -213,3 +213,37 @@ def training_summary(result: dict[str, Any], cfg: dict[str, Any], metrics_line: 
         return None
     lines = [f"finished {result['iteration']} iterations in {result['seconds'] / 60:.1f} min; outputs in {cfg['output_dir']}"]
     return "\n".join(lines + ([metrics_line] if metrics_line else []))
+
+
+def add_eval_flags(
+    p: argparse.ArgumentParser,
+    *,
+    data: str,
+    split: str,
+    output_dir: str = "write metrics.json here",
+    batch_size: int = 1,
+    batch_help: str | None = None,
+    workers: int = 2,
+    amp: bool = True,
+) -> None:
+    """The flags every evaluation tool shares, defined once: data, split, output, batch, loader, device, AMP, progress.
+
+    Args:
+        p: the tool's parser (its own flags before or after).
+        data: what ``--data-path`` reads.
+        split: help of ``--split``.
+        output_dir: help of ``--output-dir``.
+        batch_size: ``--batch-size``'s default.
+        batch_help: its help, if any.
+        workers: ``--workers``' default.
+        amp: add ``--amp`` (autocast).
+    """
+    p.add_argument("--data-path", help=data)
+    p.add_argument("--split", help=split)
+    p.add_argument("--output-dir", help=output_dir)
+    p.add_argument("--device", choices=list(DEVICES), default="auto")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--workers", type=int, default=workers, help="loader processes")
+    if amp:
+        p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")

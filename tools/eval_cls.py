@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.cli import DEVICES, USER_ERRORS, fail, run_tool
+from engine.cli import USER_ERRORS, add_eval_flags, fail, run_tool
 from backbones.resnet import BACKBONES
 
 
@@ -25,16 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="imagenet (torchvision's file for --backbone) or a checkpoint path")
     p.add_argument("--backbone", choices=list(BACKBONES), help="needed for --weights imagenet; for a file, checked against it")
-    p.add_argument("--data-path", help="ImageFolder root; omitted: the split the checkpoint was trained with (shapes crops)")
-    p.add_argument("--split", help="folder under --data-path to score (default: the checkpoint's val_split, else val)")
+    add_eval_flags(p, data="ImageFolder root; omitted: the split the checkpoint was trained with (shapes crops)",
+                   split="folder under --data-path to score (default: the checkpoint's val_split, else val)", batch_size=64,
+                   workers=min(4, os.cpu_count() or 1))
     p.add_argument("--resize-size", type=int, help="shorter side before the centre crop (default 256, or the checkpoint's)")
     p.add_argument("--crop-size", type=int, help="centre crop (default 224, or the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes (default: up to 4, no more than the CPUs)")
-    p.add_argument("--device", choices=list(DEVICES), default="auto")
-    p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
-    p.add_argument("--output-dir", help="write metrics.json here")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 

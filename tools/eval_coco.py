@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.cli import DEVICES, DTYPES, USER_ERRORS, fail, parse_dtype, run_tool
+from engine.cli import DTYPES, USER_ERRORS, add_eval_flags, fail, parse_dtype, run_tool
 from detection.evaluation import EVALUATORS
 from deploy.files import add_runtime_args
 from detection.postprocess import add_test_option_args
@@ -23,16 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth / checkpoint.pth from train_det.py, or an exported .onnx (TorchScript .pt with --runtime torchscript)")
     add_runtime_args(p)
-    p.add_argument("--data-path", help="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)")
-    p.add_argument("--split", help="split to evaluate (default: the training run's val split, or the one *val* split found)")
-    p.add_argument("--output-dir", help="where to write detections_*.json and metrics.json (default: beside the checkpoint)")
-    p.add_argument("--device", choices=list(DEVICES), default="auto")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
+    add_eval_flags(p, data="COCO-layout root; omitted: the data the model was trained on (shapes: regenerated if needed)",
+                   split="split to evaluate (default: the training run's val split, or the one *val* split found)",
+                   output_dir="where to write detections_*.json and metrics.json (default: beside the checkpoint)", amp=False)
     p.add_argument("--evaluator", choices=list(EVALUATORS), default="pycocotools")
     p.add_argument("--fast", action="store_true", help="PyTorch: BN folding + channels-last (+ --dtype) inference path")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="with --fast: trunk precision")
-    p.add_argument("--no-progress", action="store_true")
     add_test_option_args(p)  # PyTorch checkpoints; an exported file has them baked in
     return p.parse_args(argv)
 

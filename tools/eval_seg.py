@@ -23,23 +23,19 @@ import sys
 from pathlib import Path
 
 from deploy.files import add_runtime_args
-from engine.cli import DEVICES, init_device, removed_on_failure, run_tool
+from engine.cli import add_eval_flags, init_device, removed_on_failure, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint.pth from tools/train_seg.py, or an exported .onnx / .pt (tools/export.py)")
     add_runtime_args(p)
-    p.add_argument("--data-path", help="VOC or COCO-layout root; omitted: the data the checkpoint was trained on")
+    add_eval_flags(p, data="VOC or COCO-layout root; omitted: the data the checkpoint was trained on",
+                   split="split to score (default: the checkpoint's val_split, else val / the one *val* file)",
+                   batch_help="images loaded together; those of one size run as one batch (none is padded)",
+                   workers=min(4, os.cpu_count() or 1))
     p.add_argument("--data-format", choices=["auto", "coco", "voc"], default="auto", help="layout of --data-path (auto: by its folders)")
-    p.add_argument("--split", help="split to score (default: the checkpoint's val_split, else val / the one *val* file)")
     p.add_argument("--resize", type=int, help="short side in pixels, 0 for none (default: the checkpoint's val_resize)")
-    p.add_argument("--batch-size", type=int, default=1, help="images loaded together; those of one size run as one batch (none is padded)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="loader processes (default: up to 4)")
-    p.add_argument("--device", choices=list(DEVICES), default="auto")
-    p.add_argument("--amp", action="store_true", help="autocast: fp16 on CUDA, bf16 on CPU")
-    p.add_argument("--output-dir", help="write metrics.json here")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
